@@ -1,0 +1,132 @@
+"""Reference math of the distillation loss (``kdengine.ops.kd_loss``), row by row.
+
+Per row, with p = softmax(teacher / T) and q = softmax(student / T):
+
+    forward_kl  Σ p (log p − log q)            reverse_kl  Σ q (log q − log p)
+    soft_ce     −Σ p log q                     tvd         ½ Σ |p − q|
+    jsd         β KL(p‖m) + (1−β) KL(q‖m),  m = β p + (1−β) q   (β=0: forward_kl, β=1: reverse_kl,
+                exactly as TRL's generalized_jsd_loss)
+    mse         mean over V of (student − teacher)² on raw logits (T and t2_scale ignored);
+                columns where either logit is ±inf contribute 0
+
+    row loss = row_weight · [kd_weight · (T² if t2_scale) · D + hard_weight · CE(student at T=1, label)]
+
+Rows whose label equals ``ignore_index`` contribute 0. Terms weighted by a zero probability
+(−inf logits: a masked or padded vocabulary) contribute 0 (0·log 0 = 0), with finite gradients.
+Memory: several [N, V] temporaries; this is the oracle, not the fast path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def effective_divergence(divergence: str, jsd_beta: float) -> str:
+    """TRL's endpoints: generalized JSD with β=0 is forward KL and with β=1 reverse KL."""
+    if divergence == "jsd" and jsd_beta == 0.0:
+        return "forward_kl"
+    if divergence == "jsd" and jsd_beta == 1.0:
+        return "reverse_kl"
+    return divergence
+
+
+def _weighted_log_ratio(log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
+    """Σ_v w_v (log w_v − log other_v) with w = exp(log_w); columns where w = 0 contribute 0.
+
+    The masked columns are replaced by zeros *before* the product so that no NaN reaches
+    either the value or the gradient (the usual torch.where double-branch trap).
+    """
+    keep = log_w > -math.inf
+    safe_w = torch.where(keep, log_w, torch.zeros_like(log_w))
+    safe_o = torch.where(keep, log_other, torch.zeros_like(log_other))
+    terms = torch.where(keep, safe_w.exp() * (safe_w - safe_o), torch.zeros_like(log_w))
+    return terms.sum(-1)
+
+
+def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, *, divergence: str,
+                    temperature: float = 1.0, jsd_beta: float = 0.5) -> torch.Tensor:
+    """D per row, [N, V] × [N, V] -> [N], computed in the inputs' dtype (use float64 for truth)."""
+    divergence = effective_divergence(divergence, jsd_beta)
+    if divergence == "mse":
+        finite = torch.isfinite(student) & torch.isfinite(teacher)
+        diff = torch.where(finite, student - teacher, torch.zeros_like(student))
+        return diff.pow(2).sum(-1) / student.shape[-1]
+    log_q = torch.log_softmax(student / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher / temperature, dim=-1)
+    if divergence == "forward_kl":
+        return _weighted_log_ratio(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _weighted_log_ratio(log_q, log_p)
+    if divergence == "soft_ce":
+        return _weighted_log_ratio(log_p, log_q) - _weighted_log_ratio(log_p, torch.zeros_like(log_p))
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "jsd":
+        beta = jsd_beta
+        # log m = log(β p + (1−β) q); columns where both are 0 stay −inf without NaN gradients.
+        either = (log_p > -math.inf) | (log_q > -math.inf)
+        safe_p = torch.where(either, log_p, torch.zeros_like(log_p))
+        safe_q = torch.where(either, log_q, torch.zeros_like(log_q))
+        mixed = torch.logaddexp(safe_p + math.log(beta), safe_q + math.log1p(-beta))
+        log_m = torch.where(either, mixed, torch.full_like(mixed, -math.inf))
+        return beta * _weighted_log_ratio(log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(log_q, log_m)
+    raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+
+
+def kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
+                 row_weights: torch.Tensor | None = None, *, divergence: str = "forward_kl",
+                 temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
+                 ignore_index: int = -100, kd_weight: float = 1.0, hard_weight: float = 0.0) -> torch.Tensor:
+    """Row losses [N] (before reduction) in the dtype of the inputs; differentiable by autograd."""
+    d = divergence_rows(student, teacher, divergence=divergence, temperature=temperature, jsd_beta=jsd_beta)
+    scale = kd_weight
+    if t2_scale and effective_divergence(divergence, jsd_beta) != "mse":
+        scale = kd_weight * temperature * temperature
+    loss = scale * d
+    if labels is not None:
+        valid = labels != ignore_index
+        if hard_weight != 0.0:
+            log_q1 = torch.log_softmax(student, dim=-1)
+            target = torch.where(valid, labels, torch.zeros_like(labels)).long()
+            ce = -log_q1.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            loss = loss + hard_weight * ce
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if row_weights is not None:
+        loss = loss * row_weights.to(loss.dtype)
+    return loss
+
+
+def reduce_rows(row_loss: torch.Tensor, *, reduction: str, n_valid, vocab_size: int, normalizer=None):
+    """Apply a reduction to row losses; ``n_valid`` may be an int or a 0-d tensor."""
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    if normalizer is not None:
+        return total / normalizer
+    if reduction == "sum":
+        return total
+    n = torch.as_tensor(n_valid, dtype=total.dtype, device=total.device).clamp_min(1)
+    if reduction == "batchmean":
+        return total / n
+    if reduction == "mean":
+        return total / (n * vocab_size)
+    raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+
+
+def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, *, divergence: str = "forward_kl",
+                      temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
+                      labels: torch.Tensor | None = None, ignore_index: int = -100, kd_weight: float = 1.0,
+                      hard_weight: float = 0.0, row_weights: torch.Tensor | None = None,
+                      reduction: str = "batchmean", normalizer=None) -> torch.Tensor:
+    """Unfused, unchunked ``kd_loss`` with the same options: the oracle for every backend."""
+    rows = kd_loss_rows(student, teacher, labels, row_weights, divergence=divergence, temperature=temperature,
+                        t2_scale=t2_scale, jsd_beta=jsd_beta, ignore_index=ignore_index,
+                        kd_weight=kd_weight, hard_weight=hard_weight)
+    n_valid = student.shape[0] if labels is None else (labels != ignore_index).sum()
+    return reduce_rows(rows, reduction=reduction, n_valid=n_valid, vocab_size=student.shape[-1],
+                       normalizer=normalizer)
