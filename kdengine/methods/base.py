@@ -67,9 +67,12 @@ class Method:
         """Rows for teacher_results.json / the printed table: {row_name: {metric: value}}."""
         return {}
 
-    def state_dict(self) -> dict:
-        """Trainable method state saved in every checkpoint (e.g. learned loss weights)."""
-        return {}
+    def save(self, directory: str) -> None:
+        """Write the method's own artefacts (e.g. expert prompts, selector) into a checkpoint dir.
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+        Called by the trainer inside every ``checkpoint-<step>/`` (before the atomic rename) and
+        for the final ``output_dir``. Must write only inside ``directory``.
+        """
+
+    def load(self, directory: str) -> None:
+        """Restore what ``save`` wrote (resume from a checkpoint)."""
