@@ -1,0 +1,365 @@
+// fuse_experts / fused_experts_kd_loss: uncertainty-weighted fusion of K expert logit rows
+// (kdengine/reference/fuse_experts.py), alone or fused with the kd_loss rows primitive.
+//
+// One thread block per row. Pass 1 walks each expert row once and keeps, online, its max m,
+// d = Σ exp(u − m) and w = Σ exp(u − m)(u − m) (u = z / T): lse_k = m + log d, the entropy
+// H_k = log d − w / d and the top probability 1 / d. These give α (uniform, softmax(−H / sharpness),
+// confidence, or the given weights). The fused teacher is then recomputed per column from the K
+// rows, never stored:
+//   logit space  z̄ = Σ_{α_k>0} α_k z_k,           log p̄ = z̄ / T − lse(z̄ / T)  (one more online pass)
+//   prob space   log p̄ = log Σ_{α_k>0} exp(log α_k + u_k − lse_k)              (online over k)
+// and the loss is kd_loss(student, teacher = T · log p̄) through the shared row driver. Expert
+// gradients (α constant), with g = dL/dt of that teacher:
+//   logit space  dL/dz_k = α_k (g − p̄ Σ g)           (Σ g = 0 except for mse)
+//   prob space   r = T g,  dL/dz_k,i = (α_k / T)(exp(log p_k,i − log p̄_i) r_i − p_k,i S_k),
+//                S_k = Σ_j exp(log p_k,j − log p̄_j) r_j   (a second stage: S needs a row sum)
+// The ratio p_k / p̄ ≤ 1 / α_k is computed from log-probs, so no division by a tiny p̄.
+#include "common.cuh"
+
+namespace kdengine {
+namespace {
+
+// Per-row expert statistics in shared memory.
+struct ExpertStats {
+  float alpha[kMaxExperts];
+  float log_alpha[kMaxExperts];  // −inf where α_k <= 0 (and for NaN weights): the expert is dropped
+  float lse[kMaxExperts];        // log Σ exp(z_k / T)
+};
+
+// Pass 1 and α for row n; writes alpha[n, :] and entropy[n, :]. Block-wide.
+template <typename T>
+__device__ void expert_statistics(const FusionArgs& f, const T* row0, int64_t V, float inv_t, int64_t n,
+                                  ExpertStats& stats) {
+  constexpr int N = Vec<T>::n;
+  __shared__ float entropy[kMaxExperts], top[kMaxExperts];
+  for (int e = 0; e < f.num_experts; ++e) {
+    const T* row = row0 + e * f.expert_stride;
+    const bool vec = aligned16(row);
+    float st[3] = {kNegInf, 0.f, 0.f};  // (m, d, w)
+    for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
+      float z[N];
+      load_chunk<T, N>(row, c * N, V, vec, z);
+#pragma unroll
+      for (int k = 0; k < N; ++k) entropy_push(st[0], st[1], st[2], z[k] * inv_t);
+    }
+    block_allreduce(st, EntropyMergeOp());
+    if (threadIdx.x == 0) {
+      const float log_d = logf(st[1]);
+      stats.lse[e] = st[0] + log_d;
+      entropy[e] = log_d - st[2] / st[1];
+      top[e] = 1.f / st[1];  // max_c p_k,c = exp(m − lse) = 1 / d
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int K = f.num_experts;
+    float total = 0.f, hmax = kNegInf;
+    for (int e = 0; e < K; ++e) hmax = fmaxf(hmax, -entropy[e] / f.sharpness);
+    for (int e = 0; e < K; ++e) {
+      float a;
+      if (f.weights != nullptr) {
+        a = f.weights[n * f.weights_row_stride + e];  // normalised by the caller
+      } else if (f.weighting == kUniform) {
+        a = 1.f / K;
+      } else if (f.weighting == kEntropy) {
+        a = __expf(-entropy[e] / f.sharpness - hmax);  // softmax_k(−H_k / sharpness), normalised below
+      } else {
+        a = top[e];  // confidence, normalised below
+      }
+      stats.alpha[e] = a;
+      total += a;
+    }
+    const bool normalise = f.weights == nullptr && f.weighting != kUniform;
+    for (int e = 0; e < K; ++e) {
+      if (normalise) stats.alpha[e] /= total;
+      stats.log_alpha[e] = stats.alpha[e] > 0.f ? logf(stats.alpha[e]) : kNegInf;
+      f.alpha[n * K + e] = stats.alpha[e];
+      f.entropy[n * K + e] = entropy[e];
+    }
+  }
+  __syncthreads();
+}
+
+// The fused teacher of one row (the Teacher policy of kd_loss_row, see common.cuh).
+template <typename T, int KIND, int SPACE>
+struct FusedTeacher {
+  static constexpr int N = Vec<T>::n;
+  static constexpr int grad_stages = SPACE == kProbSpace ? 2 : 1;
+  const T* row0;                 // expert 0's row n; expert e at row0 + e · expert_stride
+  int64_t expert_stride;
+  int num_experts;
+  int64_t vocab;
+  float temperature, inv_t;
+  const ExpertStats* stats;
+  T* grad0;                      // grad_experts[0, n, :] or nullptr; expert e at + e · grad_expert_stride
+  int64_t grad_expert_stride;
+  bool wants_grad;
+  bool grad_needs_sums;          // logit-space mse: Σ g over the row
+  float mse_coef;                // grad_scale · row_weight · kd_scale (mse's Σ g)
+  float inv_vocab;
+  float fused_lse = 0.f;         // logit space: lse(z̄ / T)
+  float* partial_s;              // prob space: shared [kMaxExperts], the block sums S_k
+  float s_acc[kMaxExperts];      // prob space: this thread's part of S_k
+
+  // z̄ = Σ_{α_k>0} α_k z_k for a chunk (−inf where the experts are −inf).
+  __device__ void mix_logits(int64_t start, float (&zbar)[N]) const {
+#pragma unroll
+    for (int k = 0; k < N; ++k) zbar[k] = 0.f;
+    for (int e = 0; e < num_experts; ++e) {
+      const float a = stats->alpha[e];
+      if (!(a > 0.f)) continue;
+      const T* row = row0 + e * expert_stride;
+      float z[N];
+      load_chunk<T, N>(row, start, vocab, aligned16(row), z);
+#pragma unroll
+      for (int k = 0; k < N; ++k) zbar[k] += a * z[k];
+    }
+  }
+
+  __device__ void zero_grads() {
+    if (grad0 == nullptr) return;
+    for (int e = 0; e < num_experts; ++e) zero_row(grad0 + e * grad_expert_stride, vocab);
+  }
+
+  __device__ void prepare() {
+#pragma unroll
+    for (int e = 0; e < kMaxExperts; ++e) s_acc[e] = 0.f;
+    if constexpr (SPACE == kLogitSpace) {
+      float st[2] = {kNegInf, 0.f};
+      for (int64_t c = threadIdx.x; c * N < vocab; c += blockDim.x) {
+        float zbar[N];
+        mix_logits(c * N, zbar);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          if (c * N + k < vocab) softmax_push(st[0], st[1], zbar[k] * inv_t);
+        }
+      }
+      block_allreduce(st, SoftmaxMergeOp());
+      fused_lse = st[0] + logf(st[1]);
+    }
+  }
+
+  // log p̄ of a chunk and the teacher logits t = T · log p̄.
+  __device__ void columns(int64_t start, float (&lp)[N], float (&t)[N]) const {
+    if constexpr (SPACE == kLogitSpace) {
+      mix_logits(start, lp);
+#pragma unroll
+      for (int k = 0; k < N; ++k) lp[k] = lp[k] * inv_t - fused_lse;
+    } else {
+      float m[N], d[N];  // online log-sum-exp over the experts, per column
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        m[k] = kNegInf;
+        d[k] = 0.f;
+      }
+      for (int e = 0; e < num_experts; ++e) {
+        const float la = stats->log_alpha[e];
+        if (la == kNegInf) continue;
+        const T* row = row0 + e * expert_stride;
+        float z[N];
+        load_chunk<T, N>(row, start, vocab, aligned16(row), z);
+#pragma unroll
+        for (int k = 0; k < N; ++k) softmax_push(m[k], d[k], la + z[k] * inv_t - stats->lse[e]);
+      }
+#pragma unroll
+      for (int k = 0; k < N; ++k) lp[k] = m[k] == kNegInf ? kNegInf : m[k] + logf(d[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) t[k] = temperature * lp[k];
+  }
+
+  __device__ void grad_columns(int stage, int64_t start, const float (&lp)[N], const float (&g)[N],
+                               const float (&sums)[3]) {
+    if constexpr (SPACE == kLogitSpace) {
+      // dL/dz̄ = g − p̄ Σ_j g_j; for mse Σ_j g_j = −2 · mse_coef / V · Σ (s − t).
+      const float g_sum = KIND == kMSE ? -2.f * mse_coef * inv_vocab * sums[2] : 0.f;
+      float gz[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) gz[k] = KIND == kMSE ? g[k] - __expf(lp[k]) * g_sum : g[k];
+      for (int e = 0; e < num_experts; ++e) {
+        const float a = stats->alpha[e];
+        float out[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) out[k] = a > 0.f ? a * gz[k] : 0.f;
+        T* grow = grad0 + e * grad_expert_stride;
+        store_chunk<T, N>(grow, start, vocab, aligned16(grow), out);
+      }
+    } else {
+      prob_grad_columns(stage, start, lp, g);
+    }
+  }
+
+  // Prob space. Stage 0 accumulates S_k; stage 1 writes dL/dz_k with the block sums S_k.
+  __device__ void prob_grad_columns(int stage, int64_t start, const float (&lp)[N], const float (&g)[N]) {
+    for (int e = 0; e < num_experts; ++e) {
+      const float la = stats->log_alpha[e];
+      float out[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] = 0.f;
+      if (la != kNegInf) {
+        const T* row = row0 + e * expert_stride;
+        float z[N];
+        load_chunk<T, N>(row, start, vocab, aligned16(row), z);
+        const float scale = stats->alpha[e] * inv_t;
+        float chunk_s = 0.f;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float lpk = z[k] * inv_t - stats->lse[e];
+          const bool live = start + k < vocab && lpk != kNegInf;
+          const float ratio = live ? __expf(lpk - lp[k]) : 0.f;  // p_k / p̄ <= 1 / α_k
+          const float r = temperature * g[k];                    // dL/d log p̄
+          if (stage == 0) {
+            chunk_s += ratio * r;
+          } else if (live) {
+            out[k] = scale * (ratio * r - __expf(lpk) * partial_s[e]);
+          }
+        }
+        s_acc[e] += chunk_s;
+      }
+      if (stage == 1) {
+        T* grow = grad0 + e * grad_expert_stride;
+        store_chunk<T, N>(grow, start, vocab, aligned16(grow), out);
+      }
+    }
+  }
+
+  __device__ void between_stages() {
+    block_allreduce(s_acc, SumOp());
+    if (threadIdx.x == 0) {
+      for (int e = 0; e < kMaxExperts; ++e) partial_s[e] = s_acc[e];
+    }
+    __syncthreads();
+  }
+};
+
+template <typename T, int KIND, int SPACE>
+__device__ void init_teacher(FusedTeacher<T, KIND, SPACE>& t, const FusionArgs& f, int64_t n, int64_t N_rows,
+                             int64_t V, float temperature, const ExpertStats& stats) {
+  t.row0 = static_cast<const T*>(f.experts) + n * f.row_stride;
+  t.expert_stride = f.expert_stride;
+  t.num_experts = f.num_experts;
+  t.vocab = V;
+  t.temperature = temperature;
+  t.inv_t = 1.f / temperature;
+  t.stats = &stats;
+  t.grad0 = nullptr;
+  t.grad_expert_stride = N_rows * V;
+  t.wants_grad = false;
+  t.grad_needs_sums = false;
+  t.mse_coef = 0.f;
+  t.inv_vocab = 1.f / static_cast<float>(V);
+  t.partial_s = nullptr;
+}
+
+template <typename T, int SPACE>
+__global__ void __launch_bounds__(kMaxThreads) fuse_experts_kernel(const FuseExpertsArgs a) {
+  constexpr int N = Vec<T>::n;
+  __shared__ ExpertStats stats;
+  const int64_t n = blockIdx.x, V = a.vocab;
+  const float inv_t = 1.f / a.temperature;
+  const T* row0 = static_cast<const T*>(a.fusion.experts) + n * a.fusion.row_stride;
+  expert_statistics<T>(a.fusion, row0, V, inv_t, n, stats);
+
+  FusedTeacher<T, kForwardKL, SPACE> teacher;
+  init_teacher(teacher, a.fusion, n, a.n_rows, V, a.temperature, stats);
+  teacher.prepare();
+  float* out = a.log_probs + n * V;
+  const bool vec_out = (V & 3) == 0 && aligned16(a.log_probs);
+  for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
+    float lp[N], t[N];
+    teacher.columns(c * N, lp, t);
+    if (vec_out && c * N + N <= V) {
+#pragma unroll
+      for (int k = 0; k < N; k += 4)
+        *reinterpret_cast<float4*>(out + c * N + k) = make_float4(lp[k], lp[k + 1], lp[k + 2], lp[k + 3]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k)
+        if (c * N + k < V) out[c * N + k] = lp[k];
+    }
+  }
+}
+
+template <typename T, int KIND, int SPACE>
+__global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const FusedExpertsKDArgs a,
+                                                                         const DivergenceConsts consts) {
+  __shared__ ExpertStats stats;
+  __shared__ float partial_s[kMaxExperts];
+  const int64_t n = blockIdx.x, V = a.vocab;
+  const float temperature = a.options.temperature;
+  const T* row0 = static_cast<const T*>(a.fusion.experts) + n * a.fusion.row_stride;
+  expert_statistics<T>(a.fusion, row0, V, 1.f / temperature, n, stats);
+
+  KDRow<T> r;
+  r.student = static_cast<const T*>(a.student) + n * a.student_row_stride;
+  r.grad_student = a.grad_student != nullptr ? static_cast<T*>(a.grad_student) + n * V : nullptr;
+  r.vocab = V;
+  r.options = a.options;
+  r.consts = consts;
+  r.has_label = a.labels != nullptr;
+  r.label = r.has_label ? a.labels[n] : 0;
+  r.row_weight = a.row_weights != nullptr ? a.row_weights[n] : 1.f;
+  r.grad_scale = *a.grad_scale;
+  r.row_loss = a.row_loss + n;
+
+  FusedTeacher<T, KIND, SPACE> teacher;
+  init_teacher(teacher, a.fusion, n, a.n_rows, V, temperature, stats);
+  if (a.grad_experts != nullptr) {
+    teacher.grad0 = static_cast<T*>(a.grad_experts) + n * V;
+    teacher.wants_grad = true;
+    teacher.grad_needs_sums = SPACE == kLogitSpace && KIND == kMSE;
+    teacher.mse_coef = r.grad_scale * r.row_weight * a.options.kd_scale;
+    teacher.partial_s = partial_s;
+  }
+  kd_loss_row<T, KIND>(r, teacher);
+}
+
+// Threads per row: the K-expert passes do K loads per chunk, so use the row width.
+int fusion_threads(int64_t vocab, int vec) { return row_threads((vocab + vec - 1) / vec); }
+
+}  // namespace
+}  // namespace kdengine
+
+extern "C" const char* kdengine_fuse_experts(const kdengine::FuseExpertsArgs* args, int dtype, void* stream) {
+  using namespace kdengine;
+  const FuseExpertsArgs a = *args;
+  if (a.n_rows == 0) return nullptr;
+  if (a.vocab <= 0 || a.fusion.num_experts < 1 || a.fusion.num_experts > kMaxExperts)
+    return launch_status(cudaErrorInvalidValue);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const cudaError_t err = KDENGINE_DISPATCH_DTYPE(dtype, [&] {
+    const int threads = fusion_threads(a.vocab, Vec<scalar_t>::n);
+    const unsigned grid = static_cast<unsigned>(a.n_rows);
+    if (a.fusion.space == kLogitSpace) {
+      fuse_experts_kernel<scalar_t, kLogitSpace><<<grid, threads, 0, s>>>(a);
+    } else {
+      fuse_experts_kernel<scalar_t, kProbSpace><<<grid, threads, 0, s>>>(a);
+    }
+    return cudaGetLastError();
+  });
+  return launch_status(err);
+}
+
+extern "C" const char* kdengine_fused_experts_kd_rows(const kdengine::FusedExpertsKDArgs* args, int dtype,
+                                                      void* stream) {
+  using namespace kdengine;
+  const FusedExpertsKDArgs a = *args;
+  if (a.n_rows == 0) return nullptr;
+  if (a.vocab <= 0 || a.fusion.num_experts < 1 || a.fusion.num_experts > kMaxExperts)
+    return launch_status(cudaErrorInvalidValue);
+  const DivergenceConsts consts = divergence_consts(a.options, a.vocab);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const cudaError_t err = KDENGINE_DISPATCH_DTYPE(dtype, [&] {
+    const int threads = fusion_threads(a.vocab, Vec<scalar_t>::n);
+    const unsigned grid = static_cast<unsigned>(a.n_rows);
+    return KDENGINE_DISPATCH_DIVERGENCE(a.options.divergence, [&] {
+      if (a.fusion.space == kLogitSpace) {
+        fused_experts_kd_kernel<scalar_t, KIND, kLogitSpace><<<grid, threads, 0, s>>>(a, consts);
+      } else {
+        fused_experts_kd_kernel<scalar_t, KIND, kProbSpace><<<grid, threads, 0, s>>>(a, consts);
+      }
+      return cudaGetLastError();
+    });
+  });
+  return launch_status(err);
+}

@@ -1,0 +1,270 @@
+"""``python -m kdengine.train``: teacher -> method stages -> student -> evaluation, one command.
+
+CPU smoke run (the embedded default: PEE-KD on the synthetic task with tiny models, plus the
+no_kd and vanilla_kd baselines, a few minutes on 2 cores)::
+
+    python -m kdengine.train
+    python -m kdengine.train --config configs/sst2.yaml --num_train_epochs 1
+    torchrun --nproc_per_node 2 -m kdengine.train --config run.yaml      # DDP (or accelerate launch -m)
+
+Stages (``--stages``): ``teacher`` (task-trained teacher in output_dir/teacher), ``method``
+(``method.prepare()``: e.g. PEE-KD's experts and selector), ``student`` (the training loop,
+resumable), ``evaluate`` (validation metrics, result JSONs, plots, the comparison table). A stage
+whose output exists is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, replace
+
+from kdengine.config import RUN_CONTROL_KEYS, ConfigError, TrainConfig, load_yaml, parse_args, to_yaml
+
+BASELINES = ("no_kd", "vanilla_kd")
+
+
+@dataclass
+class TaskInputs:
+    """The tokenized task shared by the teacher, the baselines and the main student."""
+
+    label_names: list[str]
+    tokenizer: object
+    train_dataset: object
+    eval_dataset: object
+    collate_fn: object
+
+
+def _log(accelerator_state_main: bool):
+    def log(message: str) -> None:
+        if accelerator_state_main:
+            print(message, flush=True)
+    return log
+
+
+def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
+    """Refuse an output_dir that holds a different run, or an unfinished one when not resuming."""
+    from kdengine.train import checkpoint  # noqa: PLC0415
+
+    saved_path = os.path.join(cfg.output_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return
+    if cfg.overwrite_output_dir:
+        if is_main:
+            shutil.rmtree(cfg.output_dir)
+        return
+    saved = load_yaml(saved_path)
+    current = cfg.to_dict()
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+             if k not in RUN_CONTROL_KEYS and saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"output_dir {cfg.output_dir!r} holds a run with a different config ({'; '.join(diffs[:6])}"
+                         f"{' ...' if len(diffs) > 6 else ''}); use a new --output_dir, or pass "
+                         f"--overwrite_output_dir true to replace that run")
+    finished = os.path.isfile(os.path.join(cfg.output_dir, "train_results.json"))
+    if not finished and cfg.resume_from_checkpoint is None and checkpoint.list_checkpoints(cfg.output_dir):
+        raise ValueError(f"output_dir {cfg.output_dir!r} holds checkpoints of an unfinished run; pass "
+                         f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir true to restart")
+
+
+def load_inputs(cfg: TrainConfig, log):
+    """(TaskInputs, teacher source, student source, needs_training) from the data options."""
+    from kdengine.data import load_task_data, make_collate_fn, tokenize_split  # noqa: PLC0415
+    from kdengine import models  # noqa: PLC0415
+
+    synthetic = not (cfg.train_file or cfg.dataset_name)
+    data = load_task_data({**cfg.to_dict(), "synthetic": {"n_train": cfg.synthetic_num_train,
+                                                          "n_validation": cfg.synthetic_num_validation,
+                                                          "n_test": cfg.synthetic_num_test}})
+    if data.validation is None:
+        raise ValueError("the task has no validation split; pass --validation_file (it is used for evaluation)")
+    teacher_src, student_src, tiny = cfg.teacher_model_name_or_path, cfg.model_name_or_path, False
+    if teacher_src is None and student_src is None:
+        if not synthetic:
+            raise ValueError("tiny models are built only for the synthetic task; pass --teacher_model_name_or_path "
+                             "and --model_name_or_path (or --student_num_layers) for real data")
+        from kdengine.data.synthetic import synthetic_vocab  # noqa: PLC0415
+        from kdengine.tiny_models import build_tiny_models  # noqa: PLC0415
+
+        teacher_src, student_src = build_tiny_models(os.path.join(cfg.output_dir, "tiny_models"), task=cfg.task,
+                                                     label_names=data.label_names, vocab=synthetic_vocab(),
+                                                     seed=cfg.seed)
+        tiny = True
+        if cfg.student_num_layers is not None:
+            student_src = None
+    elif student_src is None and cfg.student_num_layers is None:
+        raise ValueError("no student: pass --model_name_or_path or --student_num_layers (layers kept from the teacher)")
+    if student_src is not None and cfg.student_num_layers is not None:
+        raise ValueError("pass either --model_name_or_path or --student_num_layers, not both")
+    tokenizer_src = student_src or teacher_src
+    tokenizer = models.load_tokenizer(tokenizer_src, "model_name_or_path" if student_src else "teacher")
+    if teacher_src is not None and student_src is not None:
+        models.check_tokenizers(models.load_tokenizer(teacher_src, "teacher_model_name_or_path"), tokenizer)
+    label_names = data.label_names
+    inputs = TaskInputs(label_names=label_names, tokenizer=tokenizer,
+                        train_dataset=tokenize_split(data.train, tokenizer, cfg.task, cfg.max_seq_length),
+                        eval_dataset=tokenize_split(data.validation, tokenizer, cfg.task, cfg.max_seq_length),
+                        collate_fn=make_collate_fn(tokenizer, cfg.task))
+    log(f"[data] {'synthetic task' if synthetic else cfg.train_file or cfg.dataset_name}: "
+        f"{len(inputs.train_dataset)} train / {len(inputs.eval_dataset)} validation examples, labels {label_names}")
+    return inputs, teacher_src, student_src, tiny
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Run the configured stages; returns {method: {"eval": ..., "train": ...}} of the students."""
+    from accelerate.state import PartialState  # noqa: PLC0415
+    from accelerate.utils import set_seed  # noqa: PLC0415
+
+    from kdengine.methods import get_method_class  # noqa: PLC0415
+    from kdengine.train import checkpoint  # noqa: PLC0415
+    from kdengine.train.reporting import finish_comparison  # noqa: PLC0415
+    from kdengine.train.teacher import prepare_teacher, teacher_dir, teacher_row  # noqa: PLC0415
+
+    state = PartialState()
+    log = _log(state.is_main_process)
+    check_output_dir(cfg, state.is_main_process)
+    state.wait_for_everyone()
+    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    try:
+        method_cls = get_method_class(cfg.method)
+    except ImportError as exc:
+        raise ValueError(f"method {cfg.method!r} is not available in this installation ({exc})") from None
+    set_seed(cfg.seed)
+    if state.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as fh:
+            fh.write(to_yaml(cfg))
+    state.wait_for_everyone()
+    log(f"[config] method={cfg.method} task={cfg.task} output_dir={cfg.output_dir} stages={cfg.stage_list()} "
+        f"processes={state.num_processes} device={state.device}")
+    inputs, teacher_src, student_src, tiny = load_inputs(cfg, log)
+    stages = cfg.stage_list()
+    methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method] + [cfg.method]
+    needs_teacher = any(get_method_class(m).uses_teacher for m in methods) or student_src is None
+    teacher_path = None
+    if needs_teacher:
+        if teacher_src is None:
+            raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher_model_name_or_path")
+        if "teacher" in stages:
+            teacher_path = prepare_teacher(cfg, inputs, teacher_src, needs_training=tiny, log=log)
+        elif os.path.isdir(teacher_dir(cfg.output_dir)):
+            teacher_path = teacher_dir(cfg.output_dir)
+        elif tiny:
+            raise ValueError(f"the teacher stage has not run: {teacher_dir(cfg.output_dir)} does not exist; "
+                             "run with --stages teacher (or all) first")
+        else:
+            teacher_path = teacher_src
+    teacher_results = None
+    if teacher_path is not None and "evaluate" in stages:
+        teacher_results = teacher_row(cfg, inputs, teacher_path, log=log)
+    results = {}
+    for name in methods:
+        if name == cfg.method:
+            run_cfg, run_resume = cfg, resume
+        else:
+            run_dir = os.path.join(cfg.output_dir, "baselines", name)
+            run_cfg = replace(cfg, method=name, output_dir=run_dir)
+            run_resume = checkpoint.resolve_resume("last", run_dir) if cfg.resume_from_checkpoint else None
+        results[name] = run_student(run_cfg, method_cls if name == cfg.method else get_method_class(name), inputs,
+                                    teacher_path=teacher_path, teacher_results=teacher_results,
+                                    student_src=student_src, resume=run_resume, log=log)
+    if "evaluate" in stages and state.is_main_process:
+        finish_comparison(cfg, teacher_results, results, log=log)
+    state.wait_for_everyone()
+    return results
+
+
+def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_path, teacher_results, student_src,
+                resume, log) -> dict:
+    """The method, student and evaluate stages of one student in ``cfg.output_dir``."""
+    from kdengine import models  # noqa: PLC0415
+    from kdengine.plots import plot_run  # noqa: PLC0415
+    from kdengine.train.checkpoint import write_json  # noqa: PLC0415
+    from kdengine.train.reporting import read_json, write_results  # noqa: PLC0415
+    from kdengine.train.teacher import context  # noqa: PLC0415
+    from kdengine.train.trainer import Trainer, make_accelerator, save_model  # noqa: PLC0415
+
+    stages, run_dir = cfg.stage_list(), cfg.output_dir
+    accelerator = make_accelerator(cfg, run_dir)
+    if accelerator.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
+            fh.write(to_yaml(cfg))
+    accelerator.wait_for_everyone()
+    teacher = None
+    if teacher_path is not None:
+        teacher, _ = models.load_for_task(teacher_path, cfg.task, inputs.label_names, what="teacher")
+        teacher = models.freeze(teacher).to(accelerator.device)
+    ctx = context(cfg, accelerator, inputs, run_dir, teacher=teacher if method_cls.uses_teacher else None, log=log)
+    method = method_cls(ctx)
+    if {"method", "student", "evaluate"} & set(stages):
+        method.prepare()
+    trainer, train_results = None, read_json(os.path.join(run_dir, "train_results.json"))
+    if "student" in stages and train_results is None:
+        if student_src is not None:
+            student, _ = models.load_for_task(student_src, cfg.task, inputs.label_names, what="model_name_or_path")
+        else:
+            student = models.student_from_teacher(teacher, cfg.student_num_layers)
+            log(f"[{cfg.method}] student: {cfg.student_num_layers} of the teacher's "
+                f"{teacher.config.num_hidden_layers} layers")
+        if teacher is not None:
+            models.check_pair(teacher, student, cfg.task)
+        trainer = Trainer(cfg, accelerator, student, method, run_dir, desc=cfg.method)
+        train_results = trainer.train(resume)
+        save_model(accelerator, trainer.model, inputs.tokenizer, run_dir)
+        if accelerator.is_main_process:
+            method.save(run_dir)
+            write_results(run_dir, "train", train_results)
+            write_json(os.path.join(run_dir, "trainer_state.json"), trainer.state)
+        accelerator.wait_for_everyone()
+    eval_results = read_json(os.path.join(run_dir, "eval_results.json"))
+    if "evaluate" in stages and (eval_results is None or trainer is not None):
+        if trainer is None:
+            if not os.path.isfile(os.path.join(run_dir, "config.json")):
+                raise ValueError(f"the student stage has not run: no final student in {run_dir}; "
+                                 "run with --stages student (or all) first")
+            student, _ = models.load_for_task(run_dir, cfg.task, inputs.label_names, what="student")
+            trainer = Trainer(cfg, accelerator, student, method, run_dir, save_checkpoints=False, desc=cfg.method)
+        eval_results = trainer.evaluate(plot_teacher=teacher)
+        logits = eval_results.pop("_logits", None)
+        if accelerator.is_main_process:
+            eval_results["epoch"] = (train_results or {}).get("epoch")
+            write_results(run_dir, "eval", eval_results)
+            teachers = {"teacher": teacher_results} if teacher_results else {}
+            write_results(run_dir, "teacher", {**teachers, **method.teacher_report()})
+            write_results(run_dir, "all", {**(train_results or {}), **eval_results})
+            history = (read_json(os.path.join(run_dir, "trainer_state.json")) or {}).get("log_history", [])
+            plot_run(run_dir, history, cfg.best_metric_name(), logits, inputs.label_names)
+        accelerator.wait_for_everyone()
+        log(f"[{cfg.method}] eval: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_results.items()
+                                                  if isinstance(v, float)))
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    return {"eval": eval_results or {}, "train": train_results or {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2: bad options or inputs, 1: training diverged)."""
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as exc:
+        print(f"kdengine.train: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    from kdengine.train.trainer import NonFiniteLossError  # noqa: PLC0415
+
+    try:
+        run(cfg)
+    except NonFiniteLossError as exc:
+        print(f"kdengine.train: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"kdengine.train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Teacher preparation: use a task-trained teacher as is, or fine-tune a pretrained one first.
+
+A teacher directory whose checkpoint already holds the task head for the same label set (no
+missing head weights, same ``id2label``) is used as is. Otherwise the model is fine-tuned on the
+task (``teacher_num_train_epochs``, ``teacher_learning_rate``; the student loop with the no_kd
+loss) and saved to ``output_dir/teacher/`` (``save_pretrained`` + tokenizer + its
+``eval_results.json``), renamed into place only when complete. A later stage or run reuses that
+folder (or points ``teacher_model_name_or_path`` at it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+from accelerate.state import PartialState
+
+from kdengine import models
+from kdengine.methods.base import RunContext
+from kdengine.methods.baselines import NoKD
+from kdengine.train.reporting import read_json, write_results
+from kdengine.train.trainer import Trainer, make_accelerator, save_model
+
+TEACHER_DIR = "teacher"
+
+
+def teacher_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, TEACHER_DIR)
+
+
+def context(cfg, accelerator, inputs, run_dir: str, teacher=None, log=print) -> RunContext:
+    """A RunContext over the tokenized task ``inputs`` (kdengine.train.__main__.TaskInputs)."""
+    return RunContext(args=cfg, accelerator=accelerator, task=cfg.task, num_labels=len(inputs.label_names),
+                      label_names=inputs.label_names, tokenizer=inputs.tokenizer, teacher=teacher,
+                      train_dataset=inputs.train_dataset, eval_dataset=inputs.eval_dataset,
+                      collate_fn=inputs.collate_fn, output_dir=run_dir, device=accelerator.device, log=log)
+
+
+def prepare_teacher(cfg, inputs, source: str, *, needs_training: bool = False, log=print) -> str:
+    """Return the directory of a task-trained teacher, fine-tuning ``source`` when needed.
+
+    Args:
+        source: teacher_model_name_or_path (local directory or hub name).
+        needs_training: fine-tune even when a task head is present (tiny randomly initialised models).
+    """
+    out = teacher_dir(cfg.output_dir)
+    if os.path.isfile(os.path.join(out, "eval_results.json")):
+        log(f"[teacher] reusing the fine-tuned teacher in {out}")
+        return out
+    model, head_trained = models.load_for_task(source, cfg.task, inputs.label_names, what="teacher_model_name_or_path")
+    if head_trained and not needs_training:
+        log(f"[teacher] {source} already holds a {cfg.task} head for {inputs.label_names}: used as is")
+        return source
+    tmp = os.path.join(cfg.output_dir, ".tmp-teacher")
+    state = PartialState()
+    if state.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    state.wait_for_everyone()
+    accelerator = make_accelerator(cfg, tmp)
+    log(f"[teacher] fine-tuning {source} on the task ({cfg.teacher_num_train_epochs} epochs, "
+        f"lr {cfg.teacher_learning_rate})")
+    method = NoKD(context(cfg, accelerator, inputs, tmp, log=log))
+    trainer = Trainer(cfg, accelerator, model, method, tmp, learning_rate=cfg.teacher_learning_rate,
+                      num_train_epochs=cfg.teacher_num_train_epochs, max_steps=-1, save_checkpoints=False,
+                      desc="teacher")
+    train_results = trainer.train()
+    eval_results = trainer.evaluate()
+    save_model(accelerator, trainer.model, inputs.tokenizer, tmp)
+    if accelerator.is_main_process:
+        write_results(tmp, "train", train_results)
+        write_results(tmp, "eval", {**eval_results, "epoch": train_results["epoch"]})
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    accelerator.wait_for_everyone()
+    log(f"[teacher] done: eval_{cfg.best_metric_name()} = {eval_results.get(f'eval_{cfg.best_metric_name()}')}"
+        f" (saved to {out})")
+    return out
+
+
+def teacher_row(cfg, inputs, directory: str, log=print) -> dict:
+    """The teacher's own validation results (from its eval_results.json, or evaluated now)."""
+    saved = read_json(os.path.join(directory, "eval_results.json"))
+    if saved is not None:
+        train = read_json(os.path.join(directory, "train_results.json")) or {}
+        return {**saved, "train_runtime": train.get("train_runtime")}
+    model, _ = models.load_for_task(directory, cfg.task, inputs.label_names, what="teacher_model_name_or_path")
+    accelerator = make_accelerator(dataclasses.replace(cfg, report_to="none"), cfg.output_dir)
+    trainer = Trainer(cfg, accelerator, model, NoKD(context(cfg, accelerator, inputs, cfg.output_dir, log=log)),
+                      cfg.output_dir, save_checkpoints=False, desc="teacher-eval")
+    return trainer.evaluate()

@@ -1,0 +1,515 @@
+"""Triton primitives of ``fuse_experts`` / ``fused_experts_kd_loss`` (backend ``"triton"``; contract
+in :mod:`kdengine.ops.fuse_experts`, math in :mod:`kdengine.reference.fuse_experts`).
+
+One program per row. The K experts of a row are read together as a [K_PAD, BLOCK] tile (K_PAD =
+next power of two >= K; padded experts read −inf and get α = 0), so K is a compile-time constant
+and the loop runs over V only. fp32 math, softmaxes in base 2: with x_k = z_k · log2(e) / T,
+
+    L_k = log2 Σ_c exp2(x_k,c)          log2 p_k = x_k − L_k         (likewise x_s, L_s, the student)
+
+Passes over the row (constexpr flags compile the unused ones away):
+
+1. statistics: per expert an online max m, sum d = Σ exp2(x − m) and w = Σ exp2(x − m)·(x − m), all
+   rescaled when m grows; the student's (and, for a hard-label CE at T != 1, its T=1) online sum.
+   With e_c = exp2(x_c − m), p_c = e_c / d and log2 p_c = (x_c − m) − log2 d, so the entropy in nats is
+
+       H = −Σ p ln p = ln2 · (log2 d − Σ e (x − m) / d) = ln2 · (log2 d − w / d).
+
+   Keeping w relative to the running max avoids the cancellation of lse − Σ p u for confident
+   rows. When the max grows from m to m', the sums seen so far become d' = f·d and
+   w' = f·(w + (m − m')·d) with f = exp2(m − m'). α then follows from H (``entropy``), from
+   max_c p_c = exp2(m − L) = 1 / d (``confidence``), is 1/K (``uniform``) or is read (``weights``).
+1b. logit space only: the online log-sum-exp L̄ of x̄ = Σ_k α_k x_k (= z̄ · log2(e) / T), so
+   log2 p̄ = x̄ − L̄. (prob space needs no pass: log2 p̄ = log2 Σ_k α_k exp2(x_k − L_k) per column.)
+2. the divergence D and its row sums; for forward_kl / soft_ce / mse also the student gradient.
+3. when needed: the remaining gradients, from the row sums of pass 2.
+
+Gradients, with a = ln p̄ and b = ln q the fused-teacher and student log-probabilities, r = ∂D/∂a and
+σ = ∂D/∂b taken elementwise (terms proportional to p̄ in r, or to q in σ, cancel below and are
+dropped):
+
+    student          dD/ds   = (σ − q Σσ) / T                  (mse: 2 (s − T a) / V, raw logits)
+    experts, logit   dD/dz_k = α_k (r − p̄ Σr) / T
+    experts, prob    dD/dz_k = α_k (r ρ_k − p_k Σ_j r_j ρ_k,j) / T,   ρ_k = p_k / p̄ = exp2(log2 p_k − log2 p̄)
+
+(ρ_k <= 1/α_k, so the prob-space form never divides by a vanishing p̄.) Everything written is the
+gradient of Σ_rows row_loss · grad_scale; grad_scale is read from a 0-d device tensor (no host sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_FORWARD_KL = tl.constexpr(0)
+_REVERSE_KL = tl.constexpr(1)
+_SOFT_CE = tl.constexpr(2)
+_JSD = tl.constexpr(3)
+_TVD = tl.constexpr(4)
+_MSE = tl.constexpr(5)
+_KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "soft_ce": 2, "jsd": 3, "tvd": 4, "mse": 5}
+
+_UNIFORM = tl.constexpr(0)
+_ENTROPY = tl.constexpr(1)
+_CONFIDENCE = tl.constexpr(2)
+_GIVEN = tl.constexpr(3)
+_WEIGHTING_IDS = {"uniform": 0, "entropy": 1, "confidence": 2}
+
+_LOGIT = tl.constexpr(0)
+_PROB = tl.constexpr(1)
+_SPACE_IDS = {"logit": 0, "prob": 1}
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# Elements of one [K_PAD, BLOCK] expert tile. Pass 2 of prob space keeps about six such tiles live,
+# so 4096 elements over 8 warps is 16 per thread and tile.
+_TILE = 4096
+_ELEMENTS_PER_THREAD = 16
+
+
+def launch_config(k: int, vocab: int) -> tuple[int, int, int]:
+    """(K_PAD, BLOCK, num_warps) for K experts over rows of ``vocab`` columns."""
+    k_pad = triton.next_power_of_2(max(k, 1))
+    block = min(max(64, _TILE // k_pad), triton.next_power_of_2(max(vocab, 1)))
+    num_warps = max(1, min(16, k_pad * block // (32 * _ELEMENTS_PER_THREAD)))
+    return k_pad, block, num_warps
+
+
+@triton.jit
+def _load_experts(e_row, stride_k, k_offs, offs, K, V, c):
+    # [K_PAD, BLOCK] tile of x = z · c; padded experts and out-of-row lanes read −inf.
+    ptrs = e_row + k_offs[:, None].to(tl.int64) * stride_k + offs[None, :]
+    mask = (k_offs[:, None] < K) & (offs[None, :] < V)
+    return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32) * c
+
+
+@triton.jit
+def _load_row(row_ptr, offs, V):
+    return tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _online_step(m, x):
+    # One chunk of a 1-D online base-2 softmax: new max, the factor rescaling the old sums, and
+    # exp2(x − max). While only −inf was seen, 0 is the reference (no −inf − (−inf) = NaN).
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(m - ref), tl.exp2(x - ref)
+
+
+@triton.jit
+def _finish_lse(m, d):
+    # log2 Σ exp2(x) from the running max and the per-lane sums.
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    return ref + tl.log2(tl.sum(d, axis=0))
+
+
+@triton.jit
+def _expert_stats(e_row, stride_k, k_offs, K, V, c, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # Pass 1 over the experts: (L_k, H_k in nats, d_k) per expert; padded experts give (0, 0, 0).
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([K_PAD], float("-inf"), tl.float32)
+    ref = tl.zeros([K_PAD], tl.float32)
+    d = tl.zeros([K_PAD], tl.float32)
+    w = tl.zeros([K_PAD], tl.float32)
+    for start in range(0, V, BLOCK):
+        x = _load_experts(e_row, stride_k, k_offs, start + cols, K, V, c)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        f = tl.exp2(m - ref_new)
+        e = tl.exp2(x - ref_new[:, None])
+        shifted = e * tl.where(x > float("-inf"), x - ref_new[:, None], 0.0)
+        # w' = f · (w + (m − m') d) + Σ e (x − m'): the old terms re-expressed against the new max.
+        w = f * (w + (ref - ref_new) * d) + tl.sum(shifted, axis=1)
+        d = f * d + tl.sum(e, axis=1)
+        m = m_new
+        ref = ref_new
+    real = k_offs < K
+    safe_d = tl.where(real, d, 1.0)
+    lse = tl.where(real, ref + tl.log2(safe_d), 0.0)
+    entropy = tl.where(real, (tl.log2(safe_d) - w / safe_d) * _LN2, 0.0)
+    return lse, entropy, d
+
+
+@triton.jit
+def _mixture(entropy, d, k_offs, K, sharpness, w_row, WEIGHTING: tl.constexpr):
+    # α [K_PAD] of one row, 0 on padded experts.
+    real = k_offs < K
+    if WEIGHTING == _UNIFORM:
+        raw = tl.where(real, 1.0, 0.0)
+    elif WEIGHTING == _ENTROPY:
+        # softmax_k(−H_k / sharpness)
+        neg = tl.where(real, -entropy / sharpness, float("-inf"))
+        raw = tl.exp(neg - tl.max(neg, axis=0))
+    elif WEIGHTING == _CONFIDENCE:
+        # max_c p_k,c = 1 / d_k (d counts the max itself as exp2(0) = 1, so d >= 1)
+        raw = tl.where(real, 1.0 / tl.where(real, d, 1.0), 0.0)
+    else:
+        # already normalised by the caller (NaN rows stay NaN)
+        raw = tl.load(w_row + k_offs, mask=real, other=0.0).to(tl.float32)
+    return raw / tl.sum(raw, axis=0)
+
+
+@triton.jit
+def _fused_x(x, alpha):
+    # x̄ = Σ_k α_k x_k; experts with α_k = 0 are skipped (0 · −inf would be NaN).
+    return tl.sum(tl.where(alpha[:, None] > 0, alpha[:, None] * x, 0.0), axis=0)
+
+
+@triton.jit
+def _fused_lse(e_row, stride_k, k_offs, alpha, K, V, c, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # Pass 1b (logit space): L̄ = log2 Σ exp2(x̄).
+    cols = tl.arange(0, BLOCK)
+    m = float("-inf")
+    d = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        xbar = _fused_x(_load_experts(e_row, stride_k, k_offs, start + cols, K, V, c), alpha)
+        m, f, e = _online_step(m, xbar)
+        d = d * f + e
+    return _finish_lse(m, d)
+
+
+@triton.jit
+def _fused_log2p(x, lse, alpha, lse_fused, SPACE: tl.constexpr):
+    # (log2 p̄ [BLOCK], log2 p_k [K_PAD, BLOCK]) of one chunk. The second is only meaningful (and
+    # only used) in prob space.
+    if SPACE == _LOGIT:
+        a2 = _fused_x(x, alpha) - lse_fused
+        lp = x
+    else:
+        lp = x - lse[:, None]
+        # log2 Σ_k α_k p_k = max + log2 Σ_k exp2(log2 α_k + log2 p_k − max)
+        log2_alpha = tl.log2(tl.where(alpha > 0, alpha, 1.0))
+        t = tl.where(alpha[:, None] > 0, lp + log2_alpha[:, None], float("-inf"))
+        hi = tl.max(t, axis=0)
+        ref = tl.where(hi == float("-inf"), 0.0, hi)
+        a2 = tl.where(hi == float("-inf"), float("-inf"),
+                      ref + tl.log2(tl.sum(tl.exp2(t - ref[None, :]), axis=0)))
+    return a2, lp
+
+
+@triton.jit
+def _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND: tl.constexpr):
+    # Per column: (D term, r = ∂D/∂a, σ = ∂D/∂b), a = ln p̄, b = ln q (mse: σ = ∂D/∂s on raw logits,
+    # all three without the 1/V). −inf columns give 0.
+    p = tl.exp2(a2)
+    q = tl.exp2(b2)
+    live_p = a2 > float("-inf")
+    live_q = b2 > float("-inf")
+    la = tl.where(live_p, a2, 0.0) * _LN2
+    lb = tl.where(live_q, b2, 0.0) * _LN2
+    if KIND == _FORWARD_KL:
+        # D = Σ p̄ (a − b): r = p̄ (a − b) (+ p̄, dropped), σ = −p̄
+        term = tl.where(live_p, p * (la - lb), 0.0)
+        r = term
+        sigma = -p
+    elif KIND == _REVERSE_KL:
+        # D = Σ q (b − a): r = −q, σ = q (b − a) (+ q, dropped)
+        term = tl.where(live_q, q * (lb - la), 0.0)
+        r = -q
+        sigma = term
+    elif KIND == _SOFT_CE:
+        # D = −Σ p̄ b: r = −p̄ b, σ = −p̄
+        term = tl.where(live_p, -p * lb, 0.0)
+        r = term
+        sigma = -p
+    elif KIND == _JSD:
+        # m = β p̄ + (1−β) q, log2 m = logaddexp2(log2 p̄ + log2 β, log2 q + log2(1−β));
+        # D = Σ p̄ F + Σ q G with F = β ln(p̄/m), G = (1−β) ln(q/m); r = p̄ F, σ = q G.
+        x = a2 + log2_beta
+        y = b2 + log2_1m_beta
+        hi = tl.maximum(x, y)
+        ref = tl.where(hi == float("-inf"), 0.0, hi)
+        lm = (ref + tl.log2(tl.exp2(x - ref) + tl.exp2(y - ref))) * _LN2
+        r = tl.where(live_p, p * (beta * (la - lm)), 0.0)
+        sigma = tl.where(live_q, q * ((1.0 - beta) * (lb - lm)), 0.0)
+        term = r + sigma
+    elif KIND == _TVD:
+        # D = ½ Σ |p̄ − q|, g = ½ sign(p̄ − q) (0 where equal, as autograd's abs): r = p̄ g, σ = −q g
+        diff = p - q
+        g = tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0))
+        term = 0.5 * tl.abs(diff)
+        r = p * g
+        sigma = -q * g
+    else:
+        # mse on raw logits against the teacher logits T·a; non-finite columns contribute 0.
+        # D·V = Σ (s − T a)²: r = −2T (s − T a), σ = 2 (s − T a).
+        diff = tl.where(live_p & (tl.abs(s) < float("inf")), s - temperature * la, 0.0)
+        term = diff * diff
+        r = -2.0 * temperature * diff
+        sigma = 2.0 * diff
+    return term, r, sigma
+
+
+@triton.jit
+def _fused_experts_kd_rows_kernel(
+    s_ptr, stride_s,                     # [N, V] student logits (unit column stride)
+    e_ptr, stride_ek, stride_en,         # [K, N, V] expert logits (unit column stride)
+    labels_ptr, row_w_ptr,               # [N] or unused
+    weights_ptr, stride_w,               # normalised fp32 weights [K] (stride_w = 0) or [N, K]
+    grad_scale_ptr,                      # 0-d fp32
+    loss_ptr, alpha_ptr, ent_ptr,        # [N], [N, K], [N, K] fp32
+    gs_ptr, ge_ptr,                      # contiguous [N, V] / [K, N, V] gradients or unused
+    N, V, K, ignore_index,
+    c, c1, sharpness, temperature, kd_scale, coef_s, coef_e, hard_weight, beta, log2_beta, log2_1m_beta,
+    WEIGHTING: tl.constexpr, SPACE: tl.constexpr, KIND: tl.constexpr, HARD: tl.constexpr,
+    OWN_T1: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_ROW_W: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_E: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: K · N · V may exceed 2³¹
+    s_row = s_ptr + row * stride_s
+    e_row = e_ptr + row * stride_en
+    cols = tl.arange(0, BLOCK)
+    k_offs = tl.arange(0, K_PAD)
+    k_real = k_offs < K
+    SOFTMAX: tl.constexpr = KIND != _MSE
+
+    label = -1
+    valid = row >= 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        valid = label != ignore_index
+    row_w = 1.0
+    if HAS_ROW_W:
+        row_w = tl.load(row_w_ptr + row).to(tl.float32)
+    grad_w = tl.where(valid, tl.load(grad_scale_ptr) * row_w, 0.0)
+
+    # ---- pass 1: expert statistics and the student's softmax sums ----------------------------------
+    lse, entropy, d = _expert_stats(e_row, stride_ek, k_offs, K, V, c, K_PAD, BLOCK)
+    m_s = float("-inf")
+    z_s = tl.zeros([BLOCK], tl.float32)
+    m_1 = float("-inf")
+    z_1 = tl.zeros([BLOCK], tl.float32)
+    if SOFTMAX or OWN_T1:
+        for start in range(0, V, BLOCK):
+            s = _load_row(s_row, start + cols, V)
+            if SOFTMAX:
+                m_s, f, e = _online_step(m_s, s * c)
+                z_s = z_s * f + e
+            if OWN_T1:
+                m_1, f1, e1 = _online_step(m_1, s * c1)
+                z_1 = z_1 * f1 + e1
+    lse_s = 0.0
+    if SOFTMAX:
+        lse_s = _finish_lse(m_s, z_s)
+    alpha = _mixture(entropy, d, k_offs, K, sharpness, weights_ptr + row * stride_w, WEIGHTING)
+    tl.store(alpha_ptr + row * K + k_offs, alpha, mask=k_real)
+    tl.store(ent_ptr + row * K + k_offs, entropy, mask=k_real)
+
+    # Hard-label CE at T=1: ln Σ exp(s) − s[label]; gradient softmax(s) − onehot(label).
+    ce = 0.0
+    lse_1 = 0.0
+    if HARD:
+        if OWN_T1:
+            lse_1 = _finish_lse(m_1, z_1)
+        else:
+            lse_1 = lse_s
+        in_row = valid & (label >= 0) & (label < V)
+        ce = lse_1 * _LN2 - tl.load(s_row + label, mask=in_row, other=0.0).to(tl.float32)
+
+    # ---- pass 1b: log-sum-exp of the fused logits (logit space) ------------------------------------
+    lse_f = 0.0
+    if SPACE == _LOGIT:
+        lse_f = _fused_lse(e_row, stride_ek, k_offs, alpha, K, V, c, K_PAD, BLOCK)
+
+    # ---- pass 2: D, its row sums, and the student gradient when it needs no row sum -----------------
+    GRAD_S_PASS2: tl.constexpr = GRAD_S and (KIND == _FORWARD_KL or KIND == _SOFT_CE or KIND == _MSE)
+    CK: tl.constexpr = GRAD_E and SPACE == _PROB
+    acc_d = tl.zeros([BLOCK], tl.float32)
+    acc_r = tl.zeros([BLOCK], tl.float32)
+    acc_sig = tl.zeros([BLOCK], tl.float32)
+    acc_c = tl.zeros([K_PAD, BLOCK], tl.float32)
+    gs_row = gs_ptr + row * V
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        x = _load_experts(e_row, stride_ek, k_offs, offs, K, V, c)
+        s = _load_row(s_row, offs, V)
+        a2, lp = _fused_log2p(x, lse, alpha, lse_f, SPACE)
+        b2 = s * c - lse_s
+        term, r, sigma = _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
+        acc_d += term
+        acc_r += r
+        acc_sig += sigma
+        if CK:
+            # c_k = Σ_j r_j ρ_k,j
+            live = (alpha[:, None] > 0) & (a2[None, :] > float("-inf"))
+            acc_c += r[None, :] * tl.where(live, tl.exp2(lp - a2[None, :]), 0.0)
+        if GRAD_S_PASS2:
+            if KIND == _MSE:
+                g_s = coef_s * sigma
+            else:
+                g_s = coef_s * (sigma + tl.exp2(b2))  # Σσ = −1
+            if HARD:
+                g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0))
+            tl.store(gs_row + offs, (grad_w * g_s).to(gs_row.dtype.element_ty), mask=offs < V)
+    dvg = tl.sum(acc_d, axis=0)
+    sum_r = tl.sum(acc_r, axis=0)
+    sum_sig = tl.sum(acc_sig, axis=0)
+    c_k = tl.sum(acc_c, axis=1)
+    if KIND == _MSE:
+        dvg = dvg / V
+
+    # ---- pass 3: expert gradients, and the student gradient of reverse_kl / jsd / tvd ---------------
+    GRAD_S_PASS3: tl.constexpr = GRAD_S and not GRAD_S_PASS2
+    if GRAD_E or GRAD_S_PASS3:
+        ge_row = ge_ptr + row * V
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            x = _load_experts(e_row, stride_ek, k_offs, offs, K, V, c)
+            s = _load_row(s_row, offs, V)
+            a2, lp = _fused_log2p(x, lse, alpha, lse_f, SPACE)
+            b2 = s * c - lse_s
+            term, r, sigma = _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
+            if GRAD_S_PASS3:
+                g_s = coef_s * (sigma - tl.exp2(b2) * sum_sig)
+                if HARD:
+                    g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                tl.store(gs_row + offs, (grad_w * g_s).to(gs_row.dtype.element_ty), mask=offs < V)
+            if GRAD_E:
+                if SPACE == _LOGIT:
+                    g_bar = r - tl.exp2(a2) * sum_r
+                    g_e = alpha[:, None] * g_bar[None, :]
+                else:
+                    live = (alpha[:, None] > 0) & (a2[None, :] > float("-inf"))
+                    rho = tl.where(live, tl.exp2(lp - a2[None, :]), 0.0)
+                    p_k = tl.where(live, tl.exp2(lp), 0.0)
+                    g_e = alpha[:, None] * (r[None, :] * rho - p_k * c_k[:, None])
+                ptrs = ge_row + k_offs[:, None].to(tl.int64) * N * V + offs[None, :]
+                tl.store(ptrs, (grad_w * coef_e * g_e).to(ge_ptr.dtype.element_ty),
+                         mask=k_real[:, None] & (offs[None, :] < V))
+
+    # row loss = row_weight · (kd_weight · [T²] · D + hard_weight · CE), 0 on ignored rows
+    tl.store(loss_ptr + row, tl.where(valid, row_w * (kd_scale * dvg + hard_weight * ce), 0.0))
+
+
+@triton.jit
+def _fuse_experts_kernel(
+    e_ptr, stride_ek, stride_en, weights_ptr, stride_w,
+    out_ptr, alpha_ptr, ent_ptr,         # [N, V], [N, K], [N, K] fp32, contiguous
+    V, K, c, sharpness,
+    WEIGHTING: tl.constexpr, SPACE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    e_row = e_ptr + row * stride_en
+    cols = tl.arange(0, BLOCK)
+    k_offs = tl.arange(0, K_PAD)
+    lse, entropy, d = _expert_stats(e_row, stride_ek, k_offs, K, V, c, K_PAD, BLOCK)
+    alpha = _mixture(entropy, d, k_offs, K, sharpness, weights_ptr + row * stride_w, WEIGHTING)
+    tl.store(alpha_ptr + row * K + k_offs, alpha, mask=k_offs < K)
+    tl.store(ent_ptr + row * K + k_offs, entropy, mask=k_offs < K)
+    lse_f = 0.0
+    if SPACE == _LOGIT:
+        lse_f = _fused_lse(e_row, stride_ek, k_offs, alpha, K, V, c, K_PAD, BLOCK)
+    out_row = out_ptr + row * V
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        a2, _ = _fused_log2p(_load_experts(e_row, stride_ek, k_offs, offs, K, V, c), lse, alpha, lse_f, SPACE)
+        tl.store(out_row + offs, a2 * _LN2, mask=offs < V)
+
+
+def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
+    """Any row (and expert) stride is fine; a column stride other than 1 costs one contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _weights_args(weights, placeholder, weighting):
+    """(pointer, row stride, WEIGHTING id) for normalised fp32 weights [K] / [N, K] or None."""
+    if weights is None:
+        return placeholder, 0, _WEIGHTING_IDS[weighting]
+    weights = weights.to(torch.float32).contiguous()
+    return weights, (weights.shape[1] if weights.dim() == 2 else 0), 3
+
+
+def _device_guard(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def fused_experts_kd_rows_triton(student, experts, labels, row_weights, grad_scale, spec, weighting, space,
+                                 sharpness, weights, need_grad_student, need_grad_experts):
+    """Row losses and gradients of fused_experts_kd_loss in one forward (the rows primitive).
+
+    Args:
+        student: [N, V] float32/bfloat16/float16; experts: [K, N, V] (K <= 16), same or another of
+            those dtypes; CUDA tensors (CPU under TRITON_INTERPRET=1); any row / expert stride.
+        labels: [N] integer or None (rows equal to ``spec.ignore_index`` give loss 0, zero gradients).
+        row_weights: [N] float or None. grad_scale: 0-d tensor, d(reduced loss)/d(Σ row_loss).
+        spec: KDLossSpec. weighting / space / sharpness: as ``fuse_experts``. weights: normalised
+            fp32 [K] or [N, K], or None (then ``weighting`` decides α).
+        need_grad_student, need_grad_experts: which gradients to write.
+
+    Returns:
+        (row_loss fp32 [N], alpha fp32 [N, K], entropy fp32 [N, K], grad_student [N, V] in the
+        student's dtype or None, grad_experts [K, N, V] in the experts' dtype or None), gradients of
+        Σ row_loss · grad_scale, contiguous.
+    """
+    k, n, v = experts.shape
+    device = student.device
+    row_loss = torch.empty(n, dtype=torch.float32, device=device)
+    alpha = torch.empty((n, k), dtype=torch.float32, device=device)
+    entropy = torch.empty((n, k), dtype=torch.float32, device=device)
+    grad_s = torch.empty((n, v), dtype=student.dtype, device=device) if need_grad_student else None
+    grad_e = torch.empty((k, n, v), dtype=experts.dtype, device=device) if need_grad_experts else None
+    if n == 0:
+        return row_loss, alpha, entropy, grad_s, grad_e
+    student = _unit_column_stride(student)
+    experts = _unit_column_stride(experts)
+    kind = spec.kind
+    temperature = float(spec.temperature)
+    hard = labels is not None and spec.hard_weight != 0.0
+    beta = float(spec.jsd_beta)
+    log2_beta, log2_1m_beta = (math.log2(beta), math.log2(1.0 - beta)) if kind == "jsd" else (0.0, 0.0)
+    kd_scale = float(spec.kd_scale)
+    # coef_s: from the per-column σ to dL/ds; coef_e: from dD/d(log p̄) terms to dL/dz_k.
+    if kind == "mse":
+        coef_s, coef_e = kd_scale / v, kd_scale / (temperature * v)
+    else:
+        coef_s = coef_e = kd_scale / temperature
+    k_pad, block, num_warps = launch_config(k, v)
+    placeholder = row_loss  # pointer argument of an absent tensor; constexpr flags keep it unread
+    w_arg, stride_w, weighting_id = _weights_args(weights, placeholder, weighting)
+    with _device_guard(device):
+        _fused_experts_kd_rows_kernel[(n,)](
+            student, student.stride(0), experts, experts.stride(0), experts.stride(1),
+            placeholder if labels is None else labels.contiguous(),
+            placeholder if row_weights is None else row_weights.contiguous(),
+            w_arg, stride_w, grad_scale.to(torch.float32),
+            row_loss, alpha, entropy,
+            placeholder if grad_s is None else grad_s, placeholder if grad_e is None else grad_e,
+            n, v, k, int(spec.ignore_index),
+            math.log2(math.e) / temperature, math.log2(math.e), float(sharpness), temperature, kd_scale,
+            coef_s, coef_e, float(spec.hard_weight), beta, log2_beta, log2_1m_beta,
+            WEIGHTING=weighting_id, SPACE=_SPACE_IDS[space], KIND=_KIND_IDS[kind], HARD=hard,
+            OWN_T1=hard and (kind == "mse" or temperature != 1.0),
+            HAS_LABELS=labels is not None, HAS_ROW_W=row_weights is not None,
+            GRAD_S=grad_s is not None, GRAD_E=grad_e is not None, K_PAD=k_pad, BLOCK=block,
+            num_warps=num_warps,
+        )
+    return row_loss, alpha, entropy, grad_s, grad_e
+
+
+def fuse_experts_triton(experts, temperature, weighting, space, sharpness, weights):
+    """(fused log-probs fp32 [N, V], alpha fp32 [N, K], entropy fp32 [N, K]) of [K, N, V] experts
+    (fp32/bf16/fp16, K <= 16, CUDA or CPU under TRITON_INTERPRET=1); ``weights`` as in
+    :func:`fused_experts_kd_rows_triton`."""
+    k, n, v = experts.shape
+    device = experts.device
+    out = torch.empty((n, v), dtype=torch.float32, device=device)
+    alpha = torch.empty((n, k), dtype=torch.float32, device=device)
+    entropy = torch.empty((n, k), dtype=torch.float32, device=device)
+    if n == 0:
+        return out, alpha, entropy
+    experts = _unit_column_stride(experts)
+    k_pad, block, num_warps = launch_config(k, v)
+    w_arg, stride_w, weighting_id = _weights_args(weights, out, weighting)
+    with _device_guard(device):
+        _fuse_experts_kernel[(n,)](
+            experts, experts.stride(0), experts.stride(1), w_arg, stride_w, out, alpha, entropy,
+            v, k, math.log2(math.e) / float(temperature), float(sharpness),
+            WEIGHTING=weighting_id, SPACE=_SPACE_IDS[space], K_PAD=k_pad, BLOCK=block, num_warps=num_warps,
+        )
+    return out, alpha, entropy

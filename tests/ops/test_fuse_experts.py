@@ -1,0 +1,292 @@
+"""fuse_experts / fused_experts_kd_loss: every backend against the float64 reference.
+
+Fresh random inputs (experts at different scales, so α is far from uniform). A pairwise design over
+weighting × space × K ∈ {1, 2, 4, 8} × dtype (fp32/bf16/fp16) × −inf masked columns × given
+weights ([K], [K] with a zero, [N, K]) × divergence × reduction, with student and expert gradients,
+grad_output != 1, labels with an ignored row, hard-label CE, row weights, non-contiguous inputs, one
+row, prime V and V > 65536. Plus the identity with kd_loss(s, T · fused_log_probs, temperature=T) on
+the torch backend, and the ValueErrors. Backends that cannot run here are skipped with their reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdengine.ops import _backends
+from kdengine.ops.fuse_experts import fuse_experts, fused_experts_kd_loss
+from kdengine.ops.kd_loss import kd_loss
+from kdengine.reference.fuse_experts import fuse_experts_reference, fused_experts_kd_loss_reference
+from tests.conftest import device_for, require_backend
+from tests.tolerances import assert_close
+
+# The Triton interpreter evaluates both sides of tl.where with numpy; the discarded lanes (masked
+# columns, padded experts) warn. Real NaN/inf in results are caught by the assertions below.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+
+FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+IGNORE = -100
+
+
+def make_logits(k, n, v, dtype, *, masked, seed, device, noncontig=False):
+    """Experts [K, N, V] at scales 0.5·3, 1.5·3, ... and a student [N, V]; masked columns are −inf in
+    all of them. noncontig: experts as a view of [N, K, V] storage, student with a row stride > V."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = (torch.arange(k, dtype=torch.float32) + 0.5).view(k, 1, 1) * 3.0
+    experts = torch.randn(k, n, v, generator=gen) * scale
+    student = torch.randn(n, v, generator=gen) * 2.0
+    if masked:
+        cols = [1, v - 1]
+        experts[:, :, cols] = -math.inf
+        student[:, cols] = -math.inf
+    experts, student = experts.to(dtype), student.to(dtype)
+    if noncontig:
+        experts = experts.transpose(0, 1).contiguous().transpose(0, 1)
+        wide = torch.zeros(n, v + 3, dtype=dtype)
+        wide[:, :v] = student
+        student = wide[:, :v]
+    return experts.to(device), student.to(device)
+
+
+def make_weights(kind, k, n, *, seed, device):
+    gen = torch.Generator().manual_seed(seed + 1)
+    if kind is None:
+        return None
+    if kind == "K":
+        return (torch.rand(k, generator=gen) + 0.1).to(device)
+    if kind == "K0":  # one expert switched off: α_k = 0 must not turn −inf columns into NaN
+        w = torch.rand(k, generator=gen) + 0.1
+        w[0] = 0.0
+        return w.to(device)
+    return torch.softmax(torch.randn(n, k, generator=gen), dim=-1).to(device)  # "NK": a selector
+
+
+def finite_part_close(actual, expected, dtype, msg):
+    """−inf exactly where the reference has it, and close elsewhere."""
+    assert torch.equal(actual == -math.inf, expected == -math.inf), f"{msg}: −inf pattern differs"
+    keep = expected > -math.inf
+    assert torch.isfinite(actual[keep]).all(), f"{msg}: non-finite values"
+    assert_close(actual[keep], expected[keep], dtype, msg)
+
+
+# Pairwise design: every weighting × space, every K × dtype, masks, weights, divergences, reductions.
+KD_CASES = [
+    dict(k=1, weighting="entropy", space="logit", dtype=FP32, masked=True, divergence="forward_kl",
+         reduction="batchmean", grad_experts=True),
+    dict(k=2, weighting="uniform", space="prob", dtype=BF16, masked=False, weights="K",
+         divergence="reverse_kl", reduction="sum", grad_experts=True, noncontig=True),
+    dict(k=4, weighting="confidence", space="logit", dtype=FP16, masked=True, divergence="jsd", jsd_beta=0.3,
+         reduction="mean", grad_experts=False, labels=True),
+    dict(k=8, weighting="entropy", space="prob", dtype=FP32, masked=True, weights="NK", divergence="soft_ce",
+         reduction="none", grad_experts=True, labels=True, hard_weight=0.5),
+    dict(k=4, weighting="entropy", space="prob", dtype=BF16, masked=True, divergence="forward_kl",
+         reduction="batchmean", grad_experts=True, temperature=2.0, sharpness=0.5, row_weights=True),
+    dict(k=2, weighting="confidence", space="prob", dtype=FP32, masked=False, divergence="tvd",
+         reduction="sum", grad_experts=True, row_weights=True, noncontig=True),
+    dict(k=8, weighting="uniform", space="logit", dtype=FP16, masked=True, weights="K0",
+         divergence="forward_kl", reduction="batchmean", grad_experts=True, temperature=1.5),
+    dict(k=1, weighting="confidence", space="prob", dtype=BF16, masked=True, divergence="mse",
+         reduction="batchmean", grad_experts=True, labels=True),
+    dict(k=4, weighting="uniform", space="logit", dtype=FP32, masked=False, weights="NK", divergence="mse",
+         reduction="sum", grad_experts=True, temperature=0.5, labels=True, hard_weight=0.3),
+    dict(k=2, weighting="entropy", space="logit", dtype=FP16, masked=True, divergence="reverse_kl",
+         reduction="none", grad_experts=False, n=1),
+    dict(k=8, weighting="confidence", space="logit", dtype=BF16, masked=True, divergence="tvd",
+         reduction="batchmean", grad_experts=True, labels=True),
+    dict(k=1, weighting="uniform", space="prob", dtype=FP16, masked=False, weights="K", divergence="jsd",
+         reduction="sum", grad_experts=True, temperature=2.0),
+    dict(k=4, weighting="entropy", space="logit", dtype=FP32, masked=True, weights="K0", divergence="jsd",
+         reduction="batchmean", grad_experts=True, sharpness=3.0),
+    dict(k=8, weighting="entropy", space="prob", dtype=FP16, masked=True, divergence="reverse_kl",
+         reduction="mean", grad_experts=True, weights="K0"),
+    # several V chunks per row in the kernels (online rescaling), then V > 65536 (prime) in one row
+    dict(k=8, weighting="entropy", space="logit", dtype=BF16, masked=True, divergence="forward_kl",
+         reduction="sum", grad_experts=True, n=2, v=1031),
+    dict(k=2, weighting="entropy", space="prob", dtype=FP32, masked=True, divergence="forward_kl",
+         reduction="batchmean", grad_experts=True, n=1, v=65537),
+]
+
+
+def _case_id(case):
+    parts = [f"{key}={val}" for key, val in case.items() if key != "dtype"]
+    return "-".join([*parts, str(case["dtype"]).replace("torch.", "")])
+
+
+@pytest.mark.parametrize("case", KD_CASES, ids=[_case_id(c) for c in KD_CASES])
+def test_fused_experts_kd_loss_matches_reference(backend, case):
+    case = dict(case)
+    k, n, v, dtype = case.pop("k"), case.pop("n", 3), case.pop("v", 37), case.pop("dtype")
+    device = device_for(backend)
+    seed = 7 * k + v
+    experts, student = make_logits(k, n, v, dtype, masked=case.pop("masked"), seed=seed, device=device,
+                                   noncontig=case.pop("noncontig", False))
+    weights = make_weights(case.pop("weights", None), k, n, seed=seed, device=device)
+    grad_experts = case.pop("grad_experts")
+    gen = torch.Generator().manual_seed(seed + 2)
+    opts = dict(weighting=case.pop("weighting"), space=case.pop("space"), divergence=case.pop("divergence"),
+                reduction=case.pop("reduction"), temperature=case.pop("temperature", 1.0),
+                sharpness=case.pop("sharpness", 1.0), jsd_beta=case.pop("jsd_beta", 0.5),
+                hard_weight=case.pop("hard_weight", 0.0))
+    if case.pop("labels", False):
+        labels = torch.randint(2, v - 1, (n,), generator=gen)  # never a masked column
+        labels[0] = IGNORE
+        opts["labels"] = labels.to(device)
+    if case.pop("row_weights", False):
+        opts["row_weights"] = (torch.rand(n, generator=gen) + 0.5).to(device)
+    assert not case, f"unused case keys {case}"
+
+    s = student.detach().requires_grad_(True)
+    z = experts.detach().requires_grad_(grad_experts)
+    loss = fused_experts_kd_loss(s, z, weights=weights, backend=backend, **opts)
+    s64 = student.detach().cpu().double().requires_grad_(True)
+    z64 = experts.detach().cpu().double().requires_grad_(grad_experts)
+    cpu_opts = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in opts.items()}
+    expected = fused_experts_kd_loss_reference(s64, z64, weights=None if weights is None else weights.cpu(),
+                                               **cpu_opts)
+    assert loss.dtype == torch.float32
+    assert_close(loss.cpu(), expected.detach(), FP32, "loss")
+
+    grad_out = (torch.rand(n, generator=gen) + 0.5) if opts["reduction"] == "none" else torch.tensor(1.7)
+    loss.backward(grad_out.to(device))
+    expected.backward(grad_out.double())
+    assert s.grad.dtype == dtype and torch.isfinite(s.grad).all()
+    assert_close(s.grad.cpu(), s64.grad, dtype, "student grad")
+    if grad_experts:
+        assert z.grad.dtype == dtype and torch.isfinite(z.grad).all()
+        assert_close(z.grad.cpu(), z64.grad, dtype, "expert grad")
+
+
+FUSE_CASES = [
+    dict(k=1, weighting="uniform", space="logit", dtype=BF16, masked=True),
+    dict(k=2, weighting="entropy", space="prob", dtype=FP32, masked=True, weights="NK"),
+    dict(k=4, weighting="confidence", space="prob", dtype=FP16, masked=False, temperature=2.0),
+    dict(k=8, weighting="entropy", space="logit", dtype=FP32, masked=True, sharpness=0.5, noncontig=True),
+    dict(k=2, weighting="confidence", space="logit", dtype=BF16, masked=False, weights="K"),
+    dict(k=4, weighting="uniform", space="prob", dtype=FP32, masked=True, weights="K0"),
+    dict(k=8, weighting="confidence", space="prob", dtype=BF16, masked=True),
+    dict(k=1, weighting="entropy", space="prob", dtype=FP16, masked=True, temperature=0.7),
+    dict(k=4, weighting="entropy", space="prob", dtype=FP32, masked=True, v=2053),  # several V chunks
+]
+
+
+@pytest.mark.parametrize("case", FUSE_CASES, ids=[_case_id(c) for c in FUSE_CASES])
+def test_fuse_experts_matches_reference(backend, case):
+    case = dict(case)
+    k, n, v, dtype = case.pop("k"), 3, case.pop("v", 41), case.pop("dtype")
+    device = device_for(backend)
+    seed = 11 * k
+    experts, _ = make_logits(k, n, v, dtype, masked=case.pop("masked"), seed=seed, device=device)
+    if case.pop("noncontig", False):  # column stride != 1
+        experts = experts.transpose(1, 2).contiguous().transpose(1, 2)
+    weights = make_weights(case.pop("weights", None), k, n, seed=seed, device=device)
+    opts = dict(weighting=case.pop("weighting"), space=case.pop("space"),
+                temperature=case.pop("temperature", 1.0), sharpness=case.pop("sharpness", 1.0))
+    assert not case
+
+    z = experts.detach().requires_grad_(True)
+    log_probs, alpha, entropy = fuse_experts(z, weights=weights, backend=backend, **opts)
+    z64 = experts.detach().cpu().double().requires_grad_(True)
+    ref_weights = None if weights is None else weights.cpu()
+    exp_lp, exp_alpha, exp_ent = fuse_experts_reference(z64, weights=ref_weights, **opts)
+    assert log_probs.dtype == alpha.dtype == entropy.dtype == torch.float32
+    assert not alpha.requires_grad and not entropy.requires_grad
+    finite_part_close(log_probs.detach().cpu(), exp_lp.detach(), FP32, "log_probs")
+    assert_close(alpha.cpu(), exp_alpha, FP32, "alpha")
+    assert_close(entropy.cpu(), exp_ent, FP32, "entropy")
+
+    grad_out = torch.randn(n, v, generator=torch.Generator().manual_seed(seed))
+    log_probs.backward(grad_out.to(device))
+    exp_lp.backward(grad_out.double())
+    assert z.grad.dtype == dtype and torch.isfinite(z.grad).all()
+    assert_close(z.grad.cpu(), z64.grad, dtype, "expert grad")
+
+
+@pytest.mark.parametrize("space", ["logit", "prob"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "mse"])
+def test_equals_kd_loss_of_fused_teacher(space, divergence):
+    """fused_experts_kd_loss(s, z, T) == kd_loss(s, T · fuse_experts(z)[0], temperature=T), with grads."""
+    experts, student = make_logits(4, 5, 29, FP32, masked=True, seed=3, device="cpu")
+    labels = torch.tensor([3, IGNORE, 5, 7, 2])
+    opts = dict(temperature=1.5, labels=labels, hard_weight=0.2, divergence=divergence, reduction="batchmean")
+    s1, z1 = student.clone().requires_grad_(True), experts.clone().requires_grad_(True)
+    fused = fused_experts_kd_loss(s1, z1, weighting="entropy", space=space, backend="torch", **opts)
+    fused.backward()
+    s2, z2 = student.clone().requires_grad_(True), experts.clone().requires_grad_(True)
+    log_probs, _, _ = fuse_experts(z2, weighting="entropy", space=space, temperature=1.5, backend="torch")
+    composed = kd_loss(s2, 1.5 * log_probs, backend="torch", **opts)
+    composed.backward()
+    assert_close(fused.detach(), composed.detach(), FP32, "loss")
+    assert_close(s1.grad, s2.grad, FP32, "student grad")
+    assert_close(z1.grad, z2.grad, FP32, "expert grad")
+
+
+def test_torch_backend_chunks_rows(monkeypatch):
+    """Several chunks (one row each) give the unchunked result, forward and backward."""
+    import kdengine.ops.fuse_experts as module  # noqa: PLC0415
+
+    experts, student = make_logits(3, 4, 23, FP32, masked=True, seed=5, device="cpu")
+    results = []
+    for elements in (module.TORCH_CHUNK_ELEMENTS, 1):
+        monkeypatch.setattr(module, "TORCH_CHUNK_ELEMENTS", elements)
+        s, z = student.clone().requires_grad_(True), experts.clone().requires_grad_(True)
+        loss = fused_experts_kd_loss(s, z, space="prob", backend="torch")
+        loss.backward()
+        lp, _, _ = fuse_experts(z.detach(), space="prob", backend="torch")
+        results.append((loss.detach(), s.grad, z.grad, lp))
+    for name, a, b in zip(("loss", "student grad", "expert grad", "log_probs"), *results):
+        finite_part_close(a, b, FP32, name)
+
+
+def test_fused_backend_backward_runs_once():
+    require_backend("triton")
+    experts, student = make_logits(2, 2, 17, FP32, masked=False, seed=1, device=device_for("triton"))
+    s = student.requires_grad_(True)
+    loss = fused_experts_kd_loss(s, experts, backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_kernels_reject_too_many_experts():
+    require_backend("triton")
+    experts, student = make_logits(17, 1, 5, FP32, masked=False, seed=1, device=device_for("triton"))
+    with pytest.raises(_backends.BackendUnavailable, match="K=17"):
+        fused_experts_kd_loss(student, experts, backend="triton")
+    assert torch.isfinite(fused_experts_kd_loss(student, experts, backend="torch"))
+
+
+def _bad_calls():
+    z = torch.randn(3, 4, 7)
+    s = torch.randn(4, 7)
+    loss = fused_experts_kd_loss
+    return [
+        (lambda: fuse_experts(z, weights=torch.ones(4)),
+         r"weights must have shape \[K\]=\[3\] or \[N, K\]=\[4, 3\].*got \(4,\)"),
+        (lambda: loss(s, z, weights=torch.ones(5, 3)), r"\[N, K\]=\[4, 3\].*got \(5, 3\)"),
+        (lambda: fuse_experts(z, weights=torch.tensor([1.0, -0.5, 1.0])), "non-negative"),
+        (lambda: fuse_experts(z, weights=torch.zeros(3)), "all zero"),
+        (lambda: loss(s, z, weights=torch.tensor([[1.0, 0, 0]] * 3 + [[0.0, 0, 0]])), "all zero"),
+        (lambda: fuse_experts(z, weights=torch.tensor([1.0, math.nan, 1.0])), "finite"),
+        (lambda: fuse_experts(z, weighting="variance"), "uniform, entropy, confidence"),
+        (lambda: loss(s, z, space="hidden"), "logit, prob"),
+        (lambda: loss(torch.randn(4, 8), z),
+         r"student_logits \(4, 8\).*expert_logits \[K, N, V\] = \(3, 4, 7\)"),
+        (lambda: loss(torch.randn(5, 7), z), r"student_logits \(5, 7\)"),
+        (lambda: fuse_experts(z, sharpness=0.0), "sharpness must be > 0"),
+        (lambda: loss(s, z, sharpness=-1.0), "sharpness must be > 0"),
+        (lambda: fuse_experts(torch.randn(0, 4, 7)), "K >= 1"),
+        (lambda: fuse_experts(torch.randn(4, 7)), r"3-D \[K, N, V\]"),
+        (lambda: loss(s, z, temperature=0.0), "temperature must be > 0"),
+        (lambda: loss(s, z, divergence="kl"), "unknown divergence"),
+        (lambda: loss(s, z, hard_weight=1.0), "needs labels"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_input_raises_value_error(index):
+    call, match = _bad_calls()[index]
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,391 @@
+"""kd_loss: every backend against the float64 reference (losses, student and teacher gradients).
+
+The options are crossed with a pairwise design (every pair of option values appears in at least
+one case) rather than the full product, so the Triton interpreter stays within budget. Inputs
+are fresh random logits (seeded per test by tests/conftest.py); the reference runs in float64 on
+the same values, and losses (fp32) and gradients (input dtype) are compared with
+tests/tolerances.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kdengine.ops import BackendUnavailable
+from kdengine.ops.kd_loss import kd_loss
+from kdengine.reference.kd_loss import DIVERGENCES, kd_loss_reference
+from tests.conftest import backend_params, device_for, require_backend
+from tests.tolerances import assert_close, assert_within_reference_error
+
+# The Triton interpreter evaluates both sides of tl.where with numpy, so masked lanes (−inf
+# logits) warn about 0 · inf before the where discards them.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise design over the options
+# ---------------------------------------------------------------------------------------------
+FACTORS = {
+    # (divergence, jsd_beta): β = 0 / 1 are TRL's forward / reverse KL endpoints
+    "divergence": [("forward_kl", 0.5), ("reverse_kl", 0.5), ("soft_ce", 0.5), ("jsd", 0.3), ("jsd", 0.0),
+                   ("jsd", 1.0), ("tvd", 0.5), ("mse", 0.5)],
+    # (reduction, normalizer): a number, or "tensor" for a 0-d tensor on the device
+    "reduce": [("batchmean", None), ("sum", None), ("mean", None), ("none", None), ("batchmean", 3.0),
+               ("sum", "tensor"), ("mean", "tensor")],
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    # prime V in one chunk; V > 65536 (2 rows); one row whose V = 4099 ends in a partial chunk
+    "shape": [(5, 1009), (2, 70001), (1, 4099)],
+    "temperature": [1.0, 2.5, 0.7],
+    # none | some rows ignored | ignored rows + hard-label CE (ignore_index=-1) | int32 labels + CE
+    "labels": ["none", "ignored", "hard", "hard_int32"],
+    "layout": ["contiguous", "row_strided", "transposed"],
+    "masked": [False, True],
+    "row_weights": [False, True],
+    "grad_output": [1.0, 2.5],
+    "grads": ["student", "teacher", "both", "none"],
+}
+
+
+def pairwise(factors: dict[str, list]) -> list[dict]:
+    """Greedy all-pairs covering design: each new case starts from the first uncovered pair of
+    values and gives every other option the value that covers the most uncovered pairs."""
+    names = list(factors)
+    sizes = [len(factors[n]) for n in names]
+    todo = {(a, i, b, j) for a, b in itertools.combinations(range(len(names)), 2)
+            for i in range(sizes[a]) for j in range(sizes[b])}
+    cases = []
+    while todo:
+        a, i, b, j = min(todo)
+        row = {a: i, b: j}
+        for f in range(len(names)):
+            if f not in row:
+                row[f] = max(range(sizes[f]), key=lambda lv, f=f, row=row: sum(
+                    ((f, lv, g, row[g]) if f < g else (g, row[g], f, lv)) in todo for g in row))
+        todo -= {(f, row[f], g, row[g]) for f, g in itertools.combinations(range(len(names)), 2)}
+        cases.append({names[f]: factors[names[f]][row[f]] for f in range(len(names))})
+    return cases
+
+
+CASES = pairwise(FACTORS)
+
+
+def case_id(case: dict) -> str:
+    div, beta = case["divergence"]
+    red, norm = case["reduce"]
+    n, v = case["shape"]
+    return "-".join([f"{div}{beta if div == 'jsd' else ''}", red + (f"/{norm}" if norm else ""),
+                     str(case["dtype"]).replace("torch.", ""), f"{n}x{v}", f"T{case['temperature']}",
+                     case["labels"], case["layout"], "masked" if case["masked"] else "dense",
+                     "rw" if case["row_weights"] else "norw", f"go{case['grad_output']}", case["grads"]])
+
+
+def test_design_covers_every_pair():
+    covered = {(a, repr(c[a]), b, repr(c[b])) for c in CASES for a, b in itertools.combinations(FACTORS, 2)}
+    for a, b in itertools.combinations(FACTORS, 2):
+        for x, y in itertools.product(FACTORS[a], FACTORS[b]):
+            assert (a, repr(x), b, repr(y)) in covered, (a, x, b, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+def masked_columns(v: int) -> torch.Tensor:
+    """A padded-vocabulary style mask: the first column, a run in the middle, the last column."""
+    mid = v // 2
+    return torch.tensor(sorted({0, v - 1, *range(mid, min(mid + 37, v - 1))}))
+
+
+def make_logits(n: int, v: int, dtype, layout: str, masked: bool, device) -> torch.Tensor:
+    """Random logits (σ = 3) in ``dtype`` with the requested memory layout."""
+    if layout == "contiguous":
+        x = (torch.randn(n, v) * 3).to(dtype)
+    elif layout == "row_strided":  # a slice of wider rows: row stride v + 13, column stride 1
+        x = (torch.randn(n, v + 13) * 3).to(dtype)[:, 5:5 + v]
+    elif layout == "transposed":  # the transpose of a contiguous copy: column stride n
+        x = (torch.randn(n, v) * 3).to(dtype).t().contiguous().t()
+    else:
+        raise ValueError(layout)
+    x = x.to(device)
+    if masked:
+        x[:, masked_columns(v).to(device)] = float("-inf")
+    return x
+
+
+def make_labels(kind: str, n: int, v: int, masked: bool, device):
+    """(labels, ignore_index, hard_weight); targets avoid masked columns."""
+    if kind == "none":
+        return None, -100, 0.0
+    allowed = torch.ones(v, dtype=torch.bool)
+    if masked:
+        allowed[masked_columns(v)] = False
+    choices = allowed.nonzero().squeeze(1)
+    labels = choices[torch.randint(len(choices), (n,))]
+    if kind == "hard_int32":
+        return labels.to(torch.int32).to(device), -100, 0.3
+    ignore_index = -1 if kind == "hard" else -100
+    if n > 1:
+        labels[::2] = ignore_index  # rows 0, 2, ...: at least one ignored, at least one kept
+    return labels.to(device), ignore_index, (0.7 if kind == "hard" else 0.0)
+
+
+def run_case(backend: str, case: dict) -> None:
+    device = device_for(backend)
+    dtype = case["dtype"]
+    n, v = case["shape"]
+    divergence, beta = case["divergence"]
+    reduction, normalizer = case["reduce"]
+    student = make_logits(n, v, dtype, case["layout"], case["masked"], device)
+    teacher = make_logits(n, v, dtype, case["layout"], case["masked"], device)
+    labels, ignore_index, hard_weight = make_labels(case["labels"], n, v, case["masked"], device)
+    row_weights = (torch.rand(n) + 0.5).to(device) if case["row_weights"] else None
+    norm_arg, norm_ref = normalizer, normalizer
+    if normalizer == "tensor":
+        value = torch.rand(()) * 10 + 1
+        norm_arg, norm_ref = value.to(device), value.double()
+    student.requires_grad_(case["grads"] in ("student", "both"))
+    teacher.requires_grad_(case["grads"] in ("teacher", "both"))
+    options = dict(divergence=divergence, temperature=case["temperature"], jsd_beta=beta,
+                   ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction)
+
+    loss = kd_loss(student, teacher, labels=labels, row_weights=row_weights, normalizer=norm_arg,
+                   backend=backend, **options)
+    s64 = student.detach().double().requires_grad_(student.requires_grad)
+    t64 = teacher.detach().double().requires_grad_(teacher.requires_grad)
+    want = kd_loss_reference(s64, t64, labels=labels, normalizer=norm_ref,
+                             row_weights=None if row_weights is None else row_weights.double(), **options)
+    assert loss.dtype == torch.float32 and loss.shape == want.shape
+    assert_close(loss, want, torch.float32, msg="loss")
+    if case["grads"] == "none":
+        assert loss.grad_fn is None
+        return
+    grad_output = torch.full(loss.shape, case["grad_output"])
+    if reduction == "none" and case["grad_output"] != 1.0:
+        grad_output = grad_output * (torch.rand(n) + 0.5)
+    loss.backward(grad_output.to(device))
+    want.backward(grad_output.double())
+    for name, x, x64 in (("student", student, s64), ("teacher", teacher, t64)):
+        if x.requires_grad:
+            assert x.grad.dtype == dtype and x.grad.shape == x.shape
+            assert_close(x.grad, x64.grad, dtype, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_reference(backend, case):
+    run_case(backend, case)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_all_rows_ignored(backend, divergence, reduction):
+    device = device_for(backend)
+    student = (torch.randn(3, 257, device=device) * 3).requires_grad_()
+    teacher = (torch.randn(3, 257, device=device) * 3).requires_grad_()
+    labels = torch.full((3,), -100, dtype=torch.long, device=device)
+    loss = kd_loss(student, teacher, divergence=divergence, temperature=2.0, labels=labels, hard_weight=0.5,
+                   reduction=reduction, backend=backend)
+    assert torch.equal(loss.detach().cpu(), torch.zeros(loss.shape))
+    loss.backward(torch.full(loss.shape, 3.0, device=device))
+    assert torch.equal(student.grad.cpu(), torch.zeros(3, 257))
+    assert torch.equal(teacher.grad.cpu(), torch.zeros(3, 257))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_one_live_column_and_large_logits(backend, divergence):
+    """Row 0 keeps one column (one-hot softmax on both sides: D = 0, zero gradients); row 1 has
+    logits of magnitude ~1e3 (online softmax rescaling); no NaN anywhere."""
+    device = device_for(backend)
+    student = torch.randn(2, 300) * 3
+    teacher = torch.randn(2, 300) * 3
+    student[0, :] = teacher[0, :] = float("-inf")
+    student[0, 123], teacher[0, 123] = 2.0, -1.0
+    student[1] *= 400
+    teacher[1] *= 400
+    s = student.to(device).requires_grad_()
+    t = teacher.clone().to(device).requires_grad_()
+    loss = kd_loss(s, t, divergence=divergence, temperature=1.5, reduction="none", backend=backend)
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_()
+    want = kd_loss_reference(s64, t64, divergence=divergence, temperature=1.5, reduction="none")
+    assert_close(loss, want, torch.float32, msg="row losses")
+    if divergence != "mse":
+        assert abs(loss[0].item()) <= 1e-6
+    weights = torch.tensor([1.0, 0.5])
+    loss.backward(weights.to(device))
+    want.backward(weights.double())
+    assert not torch.isnan(s.grad).any() and not torch.isnan(t.grad).any()
+    # one-hot rows: the exact gradients are ~0 left by cancelling O(1) terms (scale=1)
+    assert_close(s.grad, s64.grad, torch.float32, msg="grad student", scale=1.0)
+    assert_close(t.grad, t64.grad, torch.float32, msg="grad teacher", scale=1.0)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"), indirect=True)
+def test_mixed_input_dtypes(backend):
+    """The Triton kernel reads each side in its own dtype (here a bf16 student, an fp32 teacher)."""
+    if backend == "cuda":
+        pytest.skip("the CUDA backend needs one dtype on both sides (falls under BackendUnavailable)")
+    device = device_for(backend)
+    student = (torch.randn(3, 1031) * 3).to(torch.bfloat16).to(device).requires_grad_()
+    teacher = (torch.randn(3, 1031) * 3).to(device).requires_grad_()
+    loss = kd_loss(student, teacher, divergence="jsd", jsd_beta=0.4, temperature=1.3, backend=backend)
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_()
+    want = kd_loss_reference(s64, t64, divergence="jsd", jsd_beta=0.4, temperature=1.3)
+    assert_close(loss, want, torch.float32, msg="loss")
+    loss.backward()
+    want.backward()
+    assert_close(student.grad, s64.grad, torch.bfloat16, msg="grad student")
+    assert_close(teacher.grad, t64.grad, torch.float32, msg="grad teacher")
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_low_precision_beats_plain_pytorch(backend, divergence):
+    """bf16 logits: the backend's loss and gradient are within 2× the error of plain PyTorch
+    computing the same loss in bf16 (fp32 accumulation should make them far better)."""
+    device = device_for(backend)
+    student = (torch.randn(4, 2053) * 3).to(torch.bfloat16)
+    teacher = (torch.randn(4, 2053) * 3).to(torch.bfloat16)
+    options = dict(divergence=divergence, temperature=2.0, reduction="batchmean")
+    s = student.clone().to(device).requires_grad_()
+    loss = kd_loss(s, teacher.to(device), backend=backend, **options)
+    loss.backward()
+    s64 = student.double().requires_grad_()
+    truth = kd_loss_reference(s64, teacher.double(), **options)
+    truth.backward()
+    s16 = student.clone().requires_grad_()
+    plain = kd_loss_reference(s16, teacher, **options)
+    plain.backward()
+    assert_within_reference_error(loss, truth, plain, msg="loss")
+    assert_within_reference_error(s.grad, s64.grad, s16.grad, msg="grad student")
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"), indirect=True)
+def test_fused_backward_runs_once(backend):
+    device = device_for(backend)
+    student = torch.randn(2, 64, device=device, requires_grad=True)
+    loss = kd_loss(student, torch.randn(2, 64, device=device), backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_gradcheck_torch_float64():
+    student = torch.randn(3, 11, dtype=torch.float64) * 2
+    teacher = torch.randn(3, 11, dtype=torch.float64) * 2
+    student[:, 4] = teacher[:, 4] = float("-inf")
+    labels = torch.tensor([2, -100, 7])
+    row_weights = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    for divergence, beta in [*((d, 0.5) for d in DIVERGENCES), ("jsd", 0.0), ("jsd", 1.0)]:
+        def fn(s, t, divergence=divergence, beta=beta):
+            return kd_loss(s, t, divergence=divergence, jsd_beta=beta, temperature=1.7, labels=labels,
+                           hard_weight=0.4, row_weights=row_weights, reduction="none", backend="torch")
+
+        inputs = (student.clone().requires_grad_(), teacher.clone().requires_grad_())
+        assert torch.autograd.gradcheck(fn, inputs), divergence
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_agrees_with_trl_generalized_jsd(backend, beta, temperature):
+    trl = pytest.importorskip("trl")
+    gkd = getattr(trl, "GKDTrainer", None)
+    if gkd is None:
+        gkd = pytest.importorskip("trl.experimental.gkd").GKDTrainer
+    device = device_for(backend)
+    student = torch.randn(1, 6, 509, device=device) * 3
+    teacher = torch.randn(1, 6, 509, device=device) * 3
+    labels = torch.randint(509, (1, 6), device=device)
+    labels[0, 1] = -100
+    want = gkd.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
+    got = kd_loss(student[0], teacher[0], divergence="jsd", jsd_beta=beta, temperature=temperature,
+                  t2_scale=False, labels=labels[0], reduction="batchmean", backend=backend)
+    assert_close(got, want.double(), torch.float32, msg=f"TRL generalized_jsd_loss β={beta}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: each bad input gets a ValueError saying what was wrong
+# ---------------------------------------------------------------------------------------------
+def _bad(**overrides):
+    args = dict(student_logits=torch.randn(4, 10), teacher_logits=torch.randn(4, 10))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("args, match", [
+    (_bad(teacher_logits=torch.randn(3, 10)), r"row mismatch.*N=4.*N=3"),
+    (_bad(teacher_logits=torch.randn(4, 12)), r"vocabulary mismatch.*V=10.*V=12"),
+    (_bad(student_logits=torch.randn(4, 10, 2)), r"must be 2-D \[N, V\]"),
+    (_bad(student_logits=torch.randint(0, 5, (4, 10))), r"student_logits must be a floating tensor"),
+    (_bad(teacher_logits=torch.zeros(4, 10, dtype=torch.bool)), r"teacher_logits must be a floating tensor"),
+    (_bad(temperature=0.0), r"temperature must be > 0"),
+    (_bad(temperature=-1.5), r"temperature must be > 0"),
+    (_bad(divergence="jsd", jsd_beta=1.5), r"jsd_beta must be <= 1"),
+    (_bad(divergence="jsd", jsd_beta=-0.1), r"jsd_beta must be >= 0"),
+    (_bad(divergence="kl"), r"unknown divergence 'kl'; expected one of forward_kl, reverse_kl, soft_ce, jsd, "
+                            r"tvd, mse"),
+    (_bad(reduction="avg"), r"unknown reduction 'avg'; expected one of batchmean, sum, mean, none"),
+    (_bad(labels=torch.zeros(3, dtype=torch.long)), r"labels must have shape \[N\]=\[4\], got \(3,\)"),
+    (_bad(labels=torch.zeros(4)), r"labels must be an integer tensor"),
+    (_bad(reduction="none", normalizer=2.0), r"normalizer .* cannot be used with reduction='none'"),
+    (_bad(normalizer=0.0), r"normalizer must be > 0"),
+    (_bad(hard_weight=1.0), r"hard_weight != 0 needs labels"),
+    (_bad(row_weights=torch.ones(5)), r"row_weights must have shape \[N\]=\[4\]"),
+])
+def test_validation_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        kd_loss(**args)
+
+
+def test_float64_is_torch_only():
+    student, teacher = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(BackendUnavailable, match="triton"):
+        kd_loss(student, teacher, backend="triton")
+    assert kd_loss(student, teacher).dtype == torch.float64  # auto: the torch backend
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel compiles for the GPU target (the interpreter does not check that)
+# ---------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import itertools, triton
+    from triton.backends.compiler import GPUTarget
+    from kdengine.kernels import kd_loss as k
+    if "nvidia" not in triton.backends.backends:
+        print("SKIP: this triton has no NVIDIA backend"); raise SystemExit(0)
+    names = k._kd_loss_rows_kernel.arg_names
+    flags = ["KIND", "HARD", "OWN_T1", "HAS_LABELS", "HAS_WEIGHTS", "GRAD_S", "GRAD_T", "BLOCK"]
+    block, warps = k.launch_config(70001)
+    for kind, dtype, full in itertools.product(range(6), ["bf16", "fp32"], [True, False]):
+        pointer = {"s_ptr": dtype, "t_ptr": dtype, "labels_ptr": "i64", "weights_ptr": "fp32",
+                   "grad_scale_ptr": "fp32", "loss_ptr": "fp32", "gs_ptr": dtype, "gt_ptr": dtype}
+        scalar = {"V": "i32", "stride_s": "i64", "stride_t": "i64", "ignore_index": "i32"}
+        sig = {n: "*" + pointer[n] if n in pointer else scalar.get(n, "constexpr" if n in flags else "fp32")
+               for n in names}
+        consts = dict(KIND=kind, HARD=full, OWN_T1=full, HAS_LABELS=full, HAS_WEIGHTS=full, GRAD_S=full,
+                      GRAD_T=full, BLOCK=block)
+        src = triton.compiler.ASTSource(fn=k._kd_loss_rows_kernel, signature=sig, constexprs=consts)
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert out.asm.get("cubin"), (kind, dtype, full)
+    print("OK")
+""")
+
+
+@pytest.mark.triton
+def test_triton_kernel_compiles_for_sm90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout.strip())
+    assert done.stdout.strip().endswith("OK")
+

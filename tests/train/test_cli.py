@@ -1,0 +1,89 @@
+"""Command line and YAML: --help, precedence, unknown keys, bad values (no training here)."""
+
+import dataclasses
+
+import pytest
+
+from kdengine.config import FIELDS, ConfigError, TrainConfig, parse_args
+from kdengine.train.__main__ import main
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name in FIELDS:
+        assert f"--{name}" in out, name
+    assert "(default: 'pee_kd')" in out
+    assert "(default: 0.001)" in out          # learning_rate
+    assert "(default: 4.0)" in out            # kd_temperature
+    assert "--config" in out
+
+
+def test_defaults_are_the_embedded_pee_kd_run():
+    cfg = parse_args([])
+    assert cfg == TrainConfig()
+    assert (cfg.method, cfg.compare_baselines, cfg.train_file, cfg.teacher_model_name_or_path) == \
+        ("pee_kd", True, None, None)
+    assert (cfg.kd_divergence, cfg.kd_temperature, cfg.num_experts) == ("forward_kl", 4.0, 4)
+
+
+def test_yaml_replaces_defaults_and_flags_override_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 0.002\nseed: 7\nmethod: vanilla_kd\nteacher_top_k: 2\nbf16: true\n")
+    cfg = parse_args(["--config", str(path), "--seed", "9", "--teacher_top_k", "none", "--bf16", "false"])
+    assert cfg.learning_rate == 0.002          # YAML over default
+    assert cfg.method == "vanilla_kd"
+    assert cfg.seed == 9                       # flag over YAML
+    assert cfg.teacher_top_k is None and cfg.bf16 is False
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
+    assert changed == {"learning_rate", "seed", "method"}
+
+
+def test_bool_flag_without_value_and_resume_spellings():
+    assert parse_args(["--fp16"]).fp16 is True
+    assert parse_args(["--resume_from_checkpoint", "true"]).resume_from_checkpoint == "last"
+    assert parse_args(["--resume_from_checkpoint", "runs/x/checkpoint-8"]).resume_from_checkpoint == \
+        "runs/x/checkpoint-8"
+
+
+def test_unknown_flag_names_the_closest_option():
+    with pytest.raises(ConfigError, match=r"unknown option --learning_rat; did you mean 'learning_rate'"):
+        parse_args(["--learning_rat", "1e-3"])
+
+
+def test_unknown_yaml_key_names_the_closest_option(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("kd_temprature: 2.0\n")
+    with pytest.raises(ConfigError, match=r"unknown option 'kd_temprature' in .*did you mean 'kd_temperature'"):
+        parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "0"], "learning_rate must be > 0"),
+    (["--kd_temperature", "-1"], "kd_temperature must be > 0"),
+    (["--num_experts", "0"], "num_experts must be >= 1"),
+    (["--num_experts", "2", "--teacher_top_k", "3"], "teacher_top_k=3 exceeds num_experts=2"),
+    (["--method", "pkd"], "method must be one of pee_kd, vanilla_kd, no_kd"),
+    (["--task", "qa"], "task must be one of"),
+    (["--eval_strategy", "sometimes"], "eval_strategy must be one of no, steps, epoch"),
+    (["--stages", "teacher,distill"], "unknown stage 'distill'"),
+    (["--per_device_train_batch_size", "two"], "per_device_train_batch_size expects int"),
+    (["--warmup_ratio", "1.5"], r"warmup_ratio must be in \[0, 1\)"),
+    (["--bf16", "--fp16"], "bf16 and fp16 are exclusive"),
+    (["--metric_for_best_model", "eval_f1"], "metric_for_best_model='eval_f1' is not computed"),
+    (["--report_to", "wandb"], "unknown report_to entry 'wandb'"),
+])
+def test_bad_values_are_errors_before_any_work(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(flags)
+
+
+def test_main_prints_the_error_and_exits_2(capsys, tmp_path):
+    assert main(["--kd_temperature", "0", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "kdengine.train: error: kd_temperature must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()     # nothing was written
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_args(["--config", str(tmp_path / "nope.yaml")])
