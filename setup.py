@@ -51,7 +51,7 @@ def cuda_extension():
         return skip("nvcc / CUDA_HOME not found")
 
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*.cu"))
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
     ext = CUDAExtension(
         name="kdengine._C",
         sources=sources,

@@ -29,8 +29,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from benchmarks._harness import peak_extra_bytes, print_table, time_ms, write_results
 
+from benchmarks._harness import peak_extra_bytes, print_table, time_ms, write_results
 from kdengine.ops import _backends
 from kdengine.ops.fuse_experts import fused_experts_kd_loss
 from kdengine.reference.fuse_experts import fused_experts_kd_loss_reference
@@ -111,7 +111,7 @@ def run(device: str, quick: bool) -> list[dict]:
                            dtype=str(dtype).replace("torch.", ""))
                 reason = runnable(provider, student, experts)
                 if reason is not None:
-                    rows.append({**row, "status": f"skipped: {reason}"})
+                    rows.append({**row, "status": f"skipped: {reason.split(' (')[0]}"})
                     continue
                 row.update(measure(step(provider, student, experts, space), device, memory=memory,
                                    timing=timing, quick=quick))

@@ -252,7 +252,8 @@ def _kd_row(s_row, t_row, gs_row, gt_row, loss_ptr, V, label, row_w, grad_w,
                 hi = tl.maximum(x, y)
                 ref = tl.where(hi == float("-inf"), 0.0, hi)
                 lm = hi + tl.log2(1.0 + tl.exp2(tl.minimum(x, y) - ref))
-                g_s = k_soft * tl.where(a_s > float("-inf"), q * ((1.0 - beta) * _LN2 * (lq - lm) - sum_q), 0.0)
+                g_s = (1.0 - beta) * _LN2 * (lq - lm) - sum_q
+                g_s = k_soft * tl.where(a_s > float("-inf"), q * g_s, 0.0)
                 g_t = k_soft * tl.where(a_t > float("-inf"), p * (beta * _LN2 * (lp - lm) - sum_p), 0.0)
             else:
                 # dD/du_s = q ⊙ (Σ q g − g); dD/du_t = p ⊙ (g − Σ p g)
@@ -335,8 +336,8 @@ def kd_loss_rows_triton(student: torch.Tensor, teacher: torch.Tensor, labels: to
     row_loss = torch.empty(n, dtype=torch.float32, device=device)
     grad_s = torch.empty((n, v), dtype=student.dtype, device=device) if need_grad_student else None
     grad_t = torch.empty((n, v), dtype=teacher.dtype, device=device) if need_grad_teacher else None
-    if n == 0:
-        return row_loss, grad_s, grad_t
+    if n == 0 or v == 0:  # an empty vocabulary has D = 0 (and nothing to differentiate)
+        return row_loss.zero_(), grad_s, grad_t
     student = _unit_column_stride(student)
     teacher = _unit_column_stride(teacher)
     kind = spec.kind

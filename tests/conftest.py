@@ -23,9 +23,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
-from kdengine.ops import _backends  # noqa: E402
+from kdengine.ops import _backends
 
 _BACKEND_MARKS = {
     "torch": (),

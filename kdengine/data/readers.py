@@ -166,8 +166,8 @@ def read_classification_file(
             )
             if has_label is not None and present != has_label:
                 raise ValueError(
-                    f"{loc}: key {label_column!r} is {'present' if present else 'missing'} here "
-                    "but not on earlier lines; label every example or none"
+                    f"{loc}: key {label_column!r} is {'present' if present else 'missing'} here but "
+                    f"{'missing' if present else 'present'} on earlier lines; label every example or none"
                 )
             has_label, checked_columns = present, columns
         texts = []

@@ -227,7 +227,7 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
         cache = out.past_key_values
         if any(getattr(cache, "is_sliding", ())):
             raise ValueError("sliding-window attention layers are not supported (the segment mask is full attention)")
-        x_logits = None if last_only else lm_head(out.last_hidden_state)       # [B, Lx, V]
+        x_logits = None if last_only else project(lm_head, out.last_hidden_state)  # [B, Lx, V]
     if y_len == 0 and not last_only:
         if mode == "all":
             return x_logits[None].expand(k, batch, x_len, -1)
@@ -263,16 +263,23 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
         last = prompt_len - 1 + y_mask.sum(dim=1)                             # [B]
         picked = hidden_states[torch.arange(batch, device=device), :, last]    # [B, k, H]
         if mode == "all":
-            return lm_head(picked.transpose(0, 1))                             # [K, B, V]
-        return _arrange(lm_head(picked), mode)
+            return project(lm_head, picked.transpose(0, 1))                    # [K, B, V]
+        return _arrange(project(lm_head, picked), mode)
     y_hidden = hidden_states[:, :, prompt_len:]                               # [B, k, Ly, H]
     if mode == "all":
-        y_logits = lm_head(y_hidden.transpose(0, 1))                          # [K, B, Ly, V]
+        y_logits = project(lm_head, y_hidden.transpose(0, 1))                 # [K, B, Ly, V]
         x_part = x_logits[None].expand(k, batch, x_len, -1)
         return torch.cat([x_part, y_logits], dim=2)
-    y_logits = lm_head(y_hidden)                                              # [B, k, Ly, V]
+    y_logits = project(lm_head, y_hidden)                                     # [B, k, Ly, V]
     x_part = x_logits[:, None].expand(batch, k, x_len, -1)
     return _arrange(torch.cat([x_part, y_logits], dim=2), mode)
+
+
+def project(lm_head, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_head`` on ``[..., H]`` as one 2-D GEMM: a strided 3-D/4-D input would make matmul fall
+    back to a batched GEMM over a broadcast weight (several times slower on CPU)."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    return lm_head(rows).view(*hidden.shape[:-1], -1)
 
 
 def _arrange(logits: torch.Tensor, mode: str) -> torch.Tensor:

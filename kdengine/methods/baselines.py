@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdengine.methods.base import Method
 from kdengine.models import model_inputs
-from kdengine.ops import kd_loss
+from kdengine.ops.kd_loss import kd_loss
 
 IGNORE_INDEX = -100
 

@@ -306,9 +306,9 @@ class PEEKD(Method):
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
         for name in (EXPERTS_DIR, SELECTOR_DIR):
-            src = os.path.join(self.ctx.output_dir, name)
-            if _stage_done(src):
-                shutil.copytree(src, os.path.join(directory, name), dirs_exist_ok=True)
+            src, dst = os.path.join(self.ctx.output_dir, name), os.path.join(directory, name)
+            if _stage_done(src) and os.path.realpath(src) != os.path.realpath(dst):
+                shutil.copytree(src, dst, dirs_exist_ok=True)
 
     def load(self, directory: str) -> None:
         """Experts and selector are frozen during distillation: prepare() already restored them."""

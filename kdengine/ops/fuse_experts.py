@@ -333,12 +333,12 @@ class FusedExpertsKDLossFunction(torch.autograd.Function):
                                "place, so retain_graph re-use is not supported; recompute the loss instead")
         ctx.used = True
         grad_s, grad_e = ctx.saved_tensors
+        # Scale in fp32 and round once into the gradient's dtype.
+        grad_output = grad_output.float()
         if grad_s is not None:
-            scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
-            grad_s = grad_s.mul_(scale.to(grad_s.dtype))
+            grad_s = grad_s.mul_(grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output)
         if grad_e is not None:
-            scale = grad_output.view(1, -1, 1) if ctx.reduction == "none" else grad_output
-            grad_e = grad_e.mul_(scale.to(grad_e.dtype))
+            grad_e = grad_e.mul_(grad_output.view(1, -1, 1) if ctx.reduction == "none" else grad_output)
         return grad_s, grad_e, None, None, None, None, None, None, None, None
 
 

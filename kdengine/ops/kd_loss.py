@@ -268,11 +268,12 @@ class KDLossFunction(torch.autograd.Function):
                                "retain_graph re-use is not supported; recompute the loss instead")
         ctx.used = True
         grad_s, grad_t = ctx.saved_tensors
-        scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
+        # Scale in fp32 and round once into the gradient's dtype.
+        scale = (grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output).float()
         if grad_s is not None:
-            grad_s = grad_s.mul_(scale.to(grad_s.dtype))
+            grad_s = grad_s.mul_(scale)
         if grad_t is not None:
-            grad_t = grad_t.mul_(scale.to(grad_t.dtype))
+            grad_t = grad_t.mul_(scale)
         return grad_s, grad_t, None, None, None, None, None, None
 
 

@@ -36,9 +36,10 @@ class TaskInputs:
     collate_fn: object
 
 
-def _log(accelerator_state_main: bool):
+def _log(is_main: bool):
+    """print on the main process only."""
     def log(message: str) -> None:
-        if accelerator_state_main:
+        if is_main:
             print(message, flush=True)
     return log
 
@@ -68,7 +69,7 @@ def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
                          f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir true to restart")
 
 
-def load_inputs(cfg: TrainConfig, log):
+def load_inputs(cfg: TrainConfig, state, log):
     """(TaskInputs, teacher source, student source, needs_training) from the data options."""
     from kdengine.data import load_task_data, make_collate_fn, tokenize_split  # noqa: PLC0415
     from kdengine import models  # noqa: PLC0415
@@ -87,9 +88,12 @@ def load_inputs(cfg: TrainConfig, log):
         from kdengine.data.synthetic import synthetic_vocab  # noqa: PLC0415
         from kdengine.tiny_models import build_tiny_models  # noqa: PLC0415
 
-        teacher_src, student_src = build_tiny_models(os.path.join(cfg.output_dir, "tiny_models"), task=cfg.task,
-                                                     label_names=data.label_names, vocab=synthetic_vocab(),
-                                                     seed=cfg.seed)
+        tiny_dir = os.path.join(cfg.output_dir, "tiny_models")
+        teacher_src, student_src = os.path.join(tiny_dir, "teacher"), os.path.join(tiny_dir, "student")
+        if state.is_main_process and not os.path.isfile(os.path.join(student_src, "config.json")):
+            build_tiny_models(tiny_dir, task=cfg.task, label_names=data.label_names, vocab=synthetic_vocab(),
+                              seed=cfg.seed)
+        state.wait_for_everyone()
         tiny = True
         if cfg.student_num_layers is not None:
             student_src = None
@@ -121,7 +125,9 @@ def run(cfg: TrainConfig) -> dict:
     from kdengine.train.reporting import finish_comparison  # noqa: PLC0415
     from kdengine.train.teacher import prepare_teacher, teacher_dir, teacher_row  # noqa: PLC0415
 
-    state = PartialState()
+    from kdengine.train.trainer import cpu_only  # noqa: PLC0415
+
+    state = PartialState(cpu=cpu_only())
     log = _log(state.is_main_process)
     check_output_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
@@ -138,7 +144,7 @@ def run(cfg: TrainConfig) -> dict:
     state.wait_for_everyone()
     log(f"[config] method={cfg.method} task={cfg.task} output_dir={cfg.output_dir} stages={cfg.stage_list()} "
         f"processes={state.num_processes} device={state.device}")
-    inputs, teacher_src, student_src, tiny = load_inputs(cfg, log)
+    inputs, teacher_src, student_src, tiny = load_inputs(cfg, state, log)
     stages = cfg.stage_list()
     methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method] + [cfg.method]
     needs_teacher = any(get_method_class(m).uses_teacher for m in methods) or student_src is None

@@ -27,18 +27,22 @@ from kdengine.train import checkpoint
 from kdengine.train.reporting import MetricsLog
 
 IGNORE_INDEX = -100
-NO_DECAY_MODULES = (torch.nn.LayerNorm, torch.nn.Embedding)
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
 
 
+def cpu_only() -> bool:
+    """No CUDA device: accelerate must be told, or torchrun's processes would not form a (gloo) group."""
+    return not torch.cuda.is_available()
+
+
 def make_accelerator(cfg, run_dir: str) -> Accelerator:
     """One accelerator per run directory (TensorBoard events go to ``run_dir/runs``)."""
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     trackers = cfg.report_list()
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu_only(),
                               mixed_precision=precision, log_with=trackers or None, project_dir=run_dir)
     if trackers:
         accelerator.init_trackers("runs")
@@ -46,7 +50,7 @@ def make_accelerator(cfg, run_dir: str) -> Accelerator:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only (not biases, LayerNorm, embeddings' norms)."""
+    """AdamW groups: weight decay on weight matrices only (not on biases or LayerNorm/RMSNorm weights)."""
     no_decay = set()
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower():
@@ -84,7 +88,8 @@ class Trainer:
         self.metric = cfg.best_metric_name()
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=self.lr)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.steps_per_epoch = math.ceil(len(self._train_loader(0)) / cfg.gradient_accumulation_steps)
+        self.batches_per_epoch = len(self._train_loader(0))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
         if self.max_steps > 0:
             self.total_steps = self.max_steps
         else:
@@ -192,12 +197,10 @@ class Trainer:
                 if self.save_checkpoints and cfg.save_strategy == "steps" and step % cfg.save_steps == 0:
                     self._checkpoint(window, first_bad, started, runtime_before)
             else:  # the epoch ran to its end
-                state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
-                if cfg.eval_strategy == "epoch":
-                    self._evaluate_and_track(epoch + 1)
-                if state["global_step"] < self.total_steps and self.save_checkpoints and cfg.save_strategy == "epoch":
-                    self._checkpoint(window, first_bad, started, runtime_before)
+                self._end_of_epoch(epoch, window, first_bad, started, runtime_before)
                 continue
+            if state["batch_in_epoch"] >= self.batches_per_epoch:  # the last step closed the epoch too
+                self._end_of_epoch(epoch, window, first_bad, started, runtime_before)
             break
         bar.close()
         if window["n"]:
@@ -205,6 +208,14 @@ class Trainer:
         self._check_finite(first_bad)
         state["train_runtime"] = runtime_before + time.perf_counter() - started
         return self.train_results()
+
+    def _end_of_epoch(self, epoch: int, window, first_bad, started: float, runtime_before: float) -> None:
+        state = self.state
+        state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+        if self.cfg.eval_strategy == "epoch":
+            self._evaluate_and_track(epoch + 1)
+        if state["global_step"] < self.total_steps and self.save_checkpoints and self.cfg.save_strategy == "epoch":
+            self._checkpoint(window, first_bad, started, runtime_before)
 
     def train_results(self) -> dict:
         state = self.state

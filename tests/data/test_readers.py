@@ -205,7 +205,7 @@ def test_jsonl_must_label_all_lines_or_none(tmp_path):
     train = write(tmp_path, "train.tsv", "sentence\tlabel\na\t1\nb\t0\n")
     test = write(tmp_path, "test.jsonl", '{"sentence": "a"}\n{"sentence": "b", "label": 1}\n')
     with pytest.raises(
-        ValueError, match="test.jsonl:2: key 'label' is present here but not on earlier lines"
+        ValueError, match="test.jsonl:2: key 'label' is present here but missing on earlier lines"
     ):
         load_task_data(args(train_file=train, test_file=test))
 

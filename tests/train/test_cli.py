@@ -87,3 +87,16 @@ def test_main_prints_the_error_and_exits_2(capsys, tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("name", ["sst2", "rte", "conll2003"])
+def test_shipped_configs_parse_and_state_their_command(name):
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", f"{name}.yaml")
+    with open(path) as fh:
+        header = fh.read().split("\nmethod:")[0]
+    assert f"python -m kdengine.train --config configs/{name}.yaml" in header
+    cfg = parse_args(["--config", path, "--teacher_model_name_or_path", "/models/minilm"])
+    assert cfg.method == "pee_kd" and cfg.student_num_layers == 3
+    assert cfg.train_file.startswith("../shared/data/")

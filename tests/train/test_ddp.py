@@ -12,7 +12,10 @@ from tests.train import PYTHON, REPO, small_args, subprocess_env
 
 
 def _dropout_free_tiny_models(directory) -> tuple[str, str]:
-    """Tiny models without dropout, so both runs compute the same function of the same batches."""
+    """Tiny models without dropout, so both runs compute the same function of the same batches.
+
+    The teacher's head gets other label names, so it counts as "not trained for this task" and the
+    teacher stage fine-tunes it (under DDP too)."""
     teacher, student = build_tiny_models(str(directory), task="sequence_classification",
                                          label_names=LABEL_NAMES, vocab=synthetic_vocab(), seed=3)
     for path in (teacher, student):
@@ -20,6 +23,8 @@ def _dropout_free_tiny_models(directory) -> tuple[str, str]:
         with open(config_path) as fh:
             config = json.load(fh)
         config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+        if path == teacher:
+            config.update(id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
         with open(config_path, "w") as fh:
             json.dump(config, fh)
     return teacher, student
@@ -42,6 +47,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "processes=2" in double.stdout
+    assert "[teacher] fine-tuning" in double.stdout and "[teacher] fine-tuning" in single.stdout
 
     def read(run, name):
         with open(tmp_path / run / name) as fh:

@@ -1,0 +1,141 @@
+"""The trainer's error messages: each says what was wrong and what to do."""
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from kdengine import models
+from kdengine.config import TrainConfig, to_yaml
+from kdengine.methods.baselines import NoKD
+from kdengine.train.__main__ import main
+from tests.train import small_args
+
+
+def _tiny_bert(num_labels=2, vocab=50, layers=2):
+    config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=32, num_labels=num_labels)
+    return BertForSequenceClassification(config)
+
+
+def test_label_count_mismatch():
+    with pytest.raises(ValueError, match="the teacher has 3 labels but the student has 2"):
+        models.check_pair(_tiny_bert(num_labels=3), _tiny_bert(num_labels=2), "sequence_classification")
+
+
+def test_input_vocabulary_mismatch():
+    with pytest.raises(ValueError, match="teacher embeds 60 token ids and the student 50.*same tokenizer"):
+        models.check_pair(_tiny_bert(vocab=60), _tiny_bert(vocab=50), "sequence_classification")
+
+
+def test_student_num_layers_out_of_range():
+    with pytest.raises(ValueError, match=r"student_num_layers must be in \[1, 2\]"):
+        models.student_from_teacher(_tiny_bert(layers=2), 3)
+
+
+def test_student_from_teacher_copies_evenly_spaced_layers():
+    teacher = _tiny_bert(layers=5)
+    student = models.student_from_teacher(teacher, 3)
+    assert models.evenly_spaced(5, 3) == [0, 2, 4]
+    t, s = teacher.state_dict(), student.state_dict()
+    for j, i in enumerate([0, 2, 4]):
+        assert torch.equal(s[f"bert.encoder.layer.{j}.output.dense.weight"], t[f"bert.encoder.layer.{i}.output.dense.weight"])
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight"):
+        assert torch.equal(s[key], t[key])
+
+
+def test_hub_name_without_network(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant
+    with pytest.raises(ValueError, match="model 'no-such-org/no-such-model' not found locally and the hub is not "
+                                         "reachable; pass a local directory"):
+        models.resolve("no-such-org/no-such-model", "teacher_model_name_or_path")
+
+
+def test_unknown_resume_path(tmp_path, capsys):
+    assert main(small_args(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "nope"))) == 2
+    assert "resume_from_checkpoint=" in capsys.readouterr().err
+
+
+def test_output_dir_with_a_different_config(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(TrainConfig(output_dir=str(out), learning_rate=0.5)))
+    assert main(small_args(out)) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different config (learning_rate: 0.5 -> 0.002" in err
+    assert "--overwrite_output_dir true" in err and "new --output_dir" in err
+
+
+def test_unfinished_checkpoints_without_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    from kdengine.config import parse_args
+
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(parse_args(small_args(out))))
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    assert main(small_args(out)) == 2
+    assert "holds checkpoints of an unfinished run; pass --resume_from_checkpoint last" in capsys.readouterr().err
+
+
+def test_tiny_models_need_the_synthetic_task(tmp_path, capsys):
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    flags = small_args(tmp_path / "out", method="no_kd", train_file=str(train), validation_file=str(train))
+    assert main(flags) == 2
+    assert "tiny models are built only for the synthetic task" in capsys.readouterr().err
+
+
+def test_teacherless_student_needs_a_source(tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    _tiny_bert().save_pretrained(teacher)
+    assert main(small_args(tmp_path / "out", teacher_model_name_or_path=str(teacher))) == 2
+    assert "no student: pass --model_name_or_path or --student_num_layers" in capsys.readouterr().err
+
+
+def test_data_errors_come_from_the_data_layer(tmp_path, capsys):
+    assert main(small_args(tmp_path / "out", train_file=str(tmp_path / "missing.tsv"),
+                           teacher_model_name_or_path="x", model_name_or_path="y")) == 2
+    assert "missing.tsv" in capsys.readouterr().err
+
+
+class _NaNAtStep3(NoKD):
+    """Cross-entropy that turns NaN on the third micro-batch."""
+
+    calls = 0
+
+    def student_loss(self, student_outputs, batch, teacher_outputs):
+        loss, logs = super().student_loss(student_outputs, batch, teacher_outputs)
+        type(self).calls += 1
+        return (loss * math.nan if type(self).calls == 3 else loss), logs
+
+
+def test_nan_loss_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    from kdengine.config import parse_args
+    from kdengine.data import load_task_data, make_collate_fn, tokenize_split
+    from kdengine.data.synthetic import LABEL_NAMES, synthetic_vocab
+    from kdengine.tiny_models import build_tiny_models
+    from kdengine.train.teacher import context
+    from kdengine.train.trainer import NonFiniteLossError, Trainer, make_accelerator
+    from kdengine.train.__main__ import TaskInputs
+
+    out = tmp_path / "out"
+    cfg = parse_args(small_args(out, method="no_kd", save_strategy="steps", save_steps=2, logging_steps=1,
+                                per_device_train_batch_size=8))
+    _, student_dir = build_tiny_models(str(tmp_path / "tiny"), task=cfg.task, label_names=LABEL_NAMES,
+                                       vocab=synthetic_vocab(), seed=0)
+    model, _ = models.load_for_task(student_dir, cfg.task, LABEL_NAMES, what="student")
+    tokenizer = models.load_tokenizer(student_dir, "student")
+    data = load_task_data({"synthetic": {"n_train": 48, "n_validation": 8, "n_test": 0}})
+    inputs = TaskInputs(LABEL_NAMES, tokenizer, tokenize_split(data.train, tokenizer, cfg.task, 32),
+                        tokenize_split(data.validation, tokenizer, cfg.task, 32), make_collate_fn(tokenizer, cfg.task))
+    os.makedirs(out)
+    accelerator = make_accelerator(cfg, str(out))
+    method = _NaNAtStep3(context(cfg, accelerator, inputs, str(out)))
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3; last good checkpoint: .*checkpoint-2\b"):
+        Trainer(cfg, accelerator, model, method, str(out)).train()
+    assert not os.path.exists(out / "checkpoint-4")
