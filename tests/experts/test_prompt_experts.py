@@ -99,7 +99,10 @@ def hand_prefix(model, prefix, ids, mask):
             kv[2 * i].expand(ids.shape[0], -1, -1, -1), kv[2 * i + 1].expand(ids.shape[0], -1, -1, -1), i
         )
     full_mask = torch.cat([torch.ones(ids.shape[0], P, dtype=mask.dtype), mask], dim=1)
-    return model(input_ids=ids, attention_mask=full_mask, past_key_values=cache).logits
+    kwargs = {}
+    if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        kwargs["position_ids"] = torch.arange(ids.shape[1]).unsqueeze(0)  # encoder text keeps positions 0..L-1
+    return model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, **kwargs).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,0 +1,411 @@
+"""The real CUDA kernels of csrc/ run on CPU through the CUDA-runtime emulator (tests/cuda_emulator/).
+
+csrc/bindings.cpp and csrc/*.cu are built once per session as a CPU torch extension (in pytest's
+cache directory, so an unchanged csrc/ rebuilds nothing) and driven through
+kdengine/ops/_cuda.py, i.e. with the CUDA backend's own argument packing: the ``emulated``
+fixture points ``_cuda._module`` at the emulated extension and replaces the CUDA device guard and
+stream lookup (which need a GPU) by no-ops. Every result is compared with the float64 references
+of kdengine.reference on fresh random inputs, under tests/tolerances.py. The emulator computes
+__expf exactly, so these tests check the kernels' math and indexing, not the GPU's fast-math bits;
+they say nothing about speed. Sizes are tiny: every emulated thread is an OS thread.
+
+Skipped, with the reason, when no C++ compiler, ninja, torch C++ headers or Python.h is found. A
+build error is a failure: csrc/ changed in a way the compiler or the emulator's rewrites reject.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from kdengine.ops import _cuda
+from kdengine.ops.expert_batch_embed import ExpertBatchEmbedFunction
+from kdengine.ops.fuse_experts import FusedExpertsKDLossFunction
+from kdengine.ops.kd_loss import KDLossFunction, grad_scale_for, make_spec
+from kdengine.reference import (
+    expert_batch_embed_reference,
+    fuse_experts_reference,
+    fused_experts_kd_loss_reference,
+    kd_loss_reference,
+)
+from kdengine.reference.kd_loss import DIVERGENCES
+from tests.cuda_emulator.build import build_emulated_extension, toolchain_skip_reason
+from tests.tolerances import assert_close
+
+_SKIP = toolchain_skip_reason()
+pytestmark = [
+    pytest.mark.skipif(_SKIP is not None, reason=f"cannot build csrc/ on the CUDA emulator: {_SKIP}"),
+    pytest.mark.usefixtures("emulated"),
+]
+
+# Loss options shared by every case (the divergence, T and hard_weight vary per test).
+LOSS = dict(t2_scale=True, jsd_beta=0.3, ignore_index=-100, kd_weight=1.3)
+GRAD_SCALE = 0.37
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def emulated(request, tmp_path_factory):
+    """The emulated extension, wired into kdengine.ops._cuda for the tests of this module."""
+    cache = getattr(request.config, "cache", None)
+    build_dir = (cache.mkdir("kdengine_C_emulated") if cache is not None
+                 else tmp_path_factory.mktemp("kdengine_C_emulated"))
+    module = build_emulated_extension(build_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_cuda, "_module", lambda: module)
+        patch.setattr(_cuda, "_stream", lambda device: 0)
+        patch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+        yield module
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+def _masked_columns(v: int) -> list[int]:
+    """A padded vocabulary: −inf at the first, a middle and the last column."""
+    return [0, v // 2, v - 1]
+
+
+def _logits(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random logits (spread ×3 so the softmaxes are far from flat) with the masked columns −inf."""
+    x = torch.randn(*shape) * 3
+    x[..., _masked_columns(shape[-1])] = -math.inf
+    return x.to(dtype)
+
+
+def _labels(n: int, v: int) -> torch.Tensor:
+    """Labels on unmasked columns; row 1 (when there is one) is ignored."""
+    allowed = torch.tensor([c for c in range(v) if c not in _masked_columns(v)])
+    labels = allowed[torch.randint(len(allowed), (n,))]
+    if n > 1:
+        labels[1] = IGNORE
+    return labels
+
+
+def _row_weights(n: int) -> torch.Tensor:
+    return torch.rand(n) + 0.5
+
+
+def _as64(t: torch.Tensor | None, grad: bool = False) -> torch.Tensor | None:
+    return None if t is None else t.detach().double().requires_grad_(grad)
+
+
+def _check_grad(actual, expected, dtype, shape, name):
+    if expected is None:
+        assert actual is None, f"{name} was not asked for but was returned"
+        return
+    assert actual.dtype == dtype and actual.shape == shape, f"{name}: {actual.dtype} {tuple(actual.shape)}"
+    assert_close(actual, expected, dtype, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# kd_loss rows (csrc/kd_loss.cu)
+# ------------------------------------------------------------------------------------------------
+def check_kd_rows(student, teacher, labels, row_weights, *, divergence, temperature=2.0, hard_weight=0.0,
+                  need=(True, True)):
+    """Emulated kd_loss rows vs the float64 reference: row losses and d(Σ rows · grad_scale)."""
+    spec = make_spec(divergence=divergence, temperature=temperature, hard_weight=hard_weight, **LOSS)
+    row_loss, grad_s, grad_t = _cuda.kd_loss_rows_cuda(student, teacher, labels, row_weights,
+                                                        torch.tensor(GRAD_SCALE), spec, *need)
+    s64, t64 = _as64(student, need[0]), _as64(teacher, need[1])
+    ref = kd_loss_reference(s64, t64, divergence=divergence, temperature=temperature, hard_weight=hard_weight,
+                            labels=labels, row_weights=_as64(row_weights), reduction="none", **LOSS)
+    if need[0] or need[1]:
+        (ref.sum() * GRAD_SCALE).backward()
+    assert row_loss.dtype == torch.float32
+    assert_close(row_loss, ref, torch.float32, "row_loss")
+    _check_grad(grad_s, s64.grad if need[0] else None, student.dtype, student.shape, "grad_student")
+    _check_grad(grad_t, t64.grad if need[1] else None, teacher.dtype, teacher.shape, "grad_teacher")
+
+
+@pytest.mark.parametrize("hard_weight", [0.0, 0.7], ids=["soft", "hard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_loss_rows(divergence, dtype, hard_weight):
+    """Prime V, −inf columns, an ignored row, row weights, grad_scale != 1, both gradients."""
+    n, v = 4, 1009
+    check_kd_rows(_logits(n, v, dtype=dtype), _logits(n, v, dtype=dtype), _labels(n, v), _row_weights(n),
+                  divergence=divergence, hard_weight=hard_weight)
+
+
+@pytest.mark.parametrize("divergence, need", [
+    ("forward_kl", (False, True)), ("soft_ce", (False, True)), ("reverse_kl", (True, False)),
+    ("jsd", (True, False)), ("tvd", (False, True)), ("mse", (False, False)),
+])
+def test_kd_loss_rows_one_gradient(divergence, need):
+    """Only the gradients asked for are written (the late-gradient pass runs for the others)."""
+    n, v = 3, 211
+    check_kd_rows(_logits(n, v, dtype=torch.float32), _logits(n, v, dtype=torch.float32), _labels(n, v),
+                  _row_weights(n), divergence=divergence, hard_weight=0.4, need=need)
+
+
+def test_kd_loss_rows_strided_fp16():
+    """fp16; a student with row stride != V and a teacher whose columns are strided (copied by
+    _cuda._unit_columns); no labels, no row weights."""
+    n, v = 3, 131
+    student = (torch.randn(n, v + 7) * 3).to(torch.float16)[:, 3:v + 3]
+    teacher = (torch.randn(v, n) * 3).to(torch.float16).t()
+    for logits in (student, teacher):
+        logits[:, _masked_columns(v)] = -math.inf
+    assert student.stride() == (v + 7, 1) and teacher.stride(1) != 1
+    check_kd_rows(student, teacher, None, None, divergence="jsd")
+
+
+def test_kd_loss_rows_temperature_one():
+    """T = 1: the hard label reuses the student's log-sum-exp."""
+    n, v = 3, 97
+    check_kd_rows(_logits(n, v, dtype=torch.float32), _logits(n, v, dtype=torch.float32), _labels(n, v),
+                  _row_weights(n), divergence="forward_kl", temperature=1.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("divergence, dtype", [("forward_kl", torch.bfloat16), ("reverse_kl", torch.float32)],
+                         ids=["forward_kl-bf16", "reverse_kl-fp32"])
+def test_kd_loss_rows_large_vocab(divergence, dtype):
+    """One row with V = 70001 > 65536 (512 threads, many chunks per thread)."""
+    v = 70001
+    check_kd_rows(_logits(1, v, dtype=dtype), _logits(1, v, dtype=dtype), _labels(1, v), _row_weights(1),
+                  divergence=divergence, hard_weight=0.2)
+
+
+def test_kd_loss_function_backward_scales_grad_output():
+    """KDLossFunction on the emulated rows: reduced loss and gradients for grad_output != 1."""
+    n, v = 4, 257
+    student = _logits(n, v, dtype=torch.float32).requires_grad_()
+    teacher = _logits(n, v, dtype=torch.float32).requires_grad_()
+    labels, row_weights = _labels(n, v), _row_weights(n)
+    spec = make_spec(divergence="jsd", temperature=2.0, hard_weight=0.3, **LOSS)
+    grad_scale = grad_scale_for("batchmean", None, labels, spec, n, v, student.device)
+    loss = KDLossFunction.apply(student, teacher, labels, row_weights, grad_scale, spec, "batchmean",
+                                _cuda.kd_loss_rows_cuda)
+    loss.backward(torch.tensor(1.7))
+    s64, t64 = _as64(student, True), _as64(teacher, True)
+    ref = kd_loss_reference(s64, t64, divergence="jsd", temperature=2.0, hard_weight=0.3, labels=labels,
+                            row_weights=_as64(row_weights), reduction="batchmean", **LOSS)
+    ref.backward(torch.tensor(1.7, dtype=torch.float64))
+    assert_close(loss, ref, torch.float32, "loss")
+    assert_close(student.grad, s64.grad, torch.float32, "student.grad")
+    assert_close(teacher.grad, t64.grad, torch.float32, "teacher.grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# fuse_experts and fused_experts_kd_loss rows (csrc/fuse_experts.cu)
+# ------------------------------------------------------------------------------------------------
+FUSION = dict(temperature=1.5, sharpness=0.7)
+
+
+def check_fuse(experts, weighting, space, weights=None):
+    """Emulated fused teacher vs fuse_experts_reference in float64: log-probs, α and entropies."""
+    log_probs, alpha, entropy = _cuda.fuse_experts_cuda(experts, FUSION["temperature"], weighting, space,
+                                                        FUSION["sharpness"], weights)
+    ref_lp, ref_alpha, ref_h = fuse_experts_reference(_as64(experts), weighting=weighting, space=space,
+                                                      weights=_as64(weights), **FUSION)
+    assert log_probs.dtype == alpha.dtype == entropy.dtype == torch.float32
+    assert_close(log_probs, ref_lp, torch.float32, "log_probs")
+    assert_close(alpha, ref_alpha, torch.float32, "alpha")
+    assert_close(entropy, ref_h, torch.float32, "entropy")
+
+
+def _weights(kind: str, k: int, n: int) -> torch.Tensor:
+    """Normalised fp32 weights [K] or [N, K] (as the op passes them) with expert 1 dropped."""
+    w = torch.rand(k) + 0.1 if kind == "K" else torch.rand(n, k) + 0.1
+    w[..., 1] = 0.0
+    return (w / w.sum(-1, keepdim=True)).contiguous()
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("weighting", ["uniform", "entropy", "confidence"])
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fuse_experts(space, weighting, k):
+    check_fuse(_logits(k, 3, 61, dtype=torch.float32), weighting, space)
+
+
+@pytest.mark.parametrize("kind, dtype", [("K", torch.bfloat16), ("NK", torch.float16)], ids=["K-bf16", "NK-fp16"])
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fuse_experts_weights(space, kind, dtype):
+    """Explicit weights [K] / [N, K] with a zero weight; experts with expert stride != N·V."""
+    k, n, v = 3, 4, 67
+    experts = _logits(n, k, v, dtype=dtype).transpose(0, 1)
+    check_fuse(experts, "entropy", space, _weights(kind, k, n))
+
+
+def check_fused_kd_rows(student, experts, *, divergence, weighting, space, weights=None, hard_weight=0.3,
+                        need=(True, True)):
+    """Emulated fused-experts kd rows vs fused_experts_kd_loss_reference in float64 (α constant)."""
+    n, v = student.shape
+    labels, row_weights = _labels(n, v), _row_weights(n)
+    temperature, sharpness = FUSION["temperature"], FUSION["sharpness"]
+    spec = make_spec(divergence=divergence, temperature=temperature, hard_weight=hard_weight, **LOSS)
+    row_loss, alpha, entropy, grad_s, grad_e = _cuda.fused_experts_kd_rows_cuda(
+        student, experts, labels, row_weights, torch.tensor(GRAD_SCALE), spec, weighting, space, sharpness,
+        weights, *need)
+    s64, z64 = _as64(student, need[0]), _as64(experts, need[1])
+    ref = fused_experts_kd_loss_reference(
+        s64, z64, weighting=weighting, space=space, weights=_as64(weights), divergence=divergence,
+        hard_weight=hard_weight, labels=labels, row_weights=_as64(row_weights), reduction="none", **FUSION, **LOSS)
+    if need[0] or need[1]:
+        (ref.sum() * GRAD_SCALE).backward()
+    _, ref_alpha, ref_h = fuse_experts_reference(_as64(experts), weighting=weighting, space=space,
+                                                 weights=_as64(weights), **FUSION)
+    assert_close(row_loss, ref, torch.float32, "row_loss")
+    assert_close(alpha, ref_alpha, torch.float32, "alpha")
+    assert_close(entropy, ref_h, torch.float32, "entropy")
+    _check_grad(grad_s, s64.grad if need[0] else None, student.dtype, student.shape, "grad_student")
+    _check_grad(grad_e, z64.grad if need[1] else None, experts.dtype, experts.shape, "grad_experts")
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("weighting", ["uniform", "entropy", "confidence"])
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fused_experts_kd_rows_fusion(space, weighting, k):
+    n, v = 3, 61
+    check_fused_kd_rows(_logits(n, v, dtype=torch.float32), _logits(k, n, v, dtype=torch.float32),
+                        divergence="jsd", weighting=weighting, space=space)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fused_experts_kd_rows_divergences(space, divergence):
+    n, v = 3, 53
+    check_fused_kd_rows(_logits(n, v, dtype=torch.float32), _logits(3, n, v, dtype=torch.float32),
+                        divergence=divergence, weighting="entropy", space=space)
+
+
+@pytest.mark.parametrize("kind, dtype", [("K", torch.bfloat16), ("NK", torch.float16)], ids=["K-bf16", "NK-fp16"])
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fused_experts_kd_rows_weights(space, kind, dtype):
+    k, n, v = 3, 4, 77
+    check_fused_kd_rows(_logits(n, v, dtype=dtype), _logits(k, n, v, dtype=dtype), divergence="forward_kl",
+                        weighting="uniform", space=space, weights=_weights(kind, k, n))
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["student-only", "experts-only"])
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fused_experts_kd_rows_one_gradient(space, need):
+    n, v = 2, 45
+    check_fused_kd_rows(_logits(n, v, dtype=torch.float32), _logits(2, n, v, dtype=torch.float32),
+                        divergence="mse" if space == "logit" else "reverse_kl", weighting="confidence",
+                        space=space, need=need)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_fused_experts_kd_loss_function(reduction):
+    """FusedExpertsKDLossFunction on the emulated rows, with grad_output != 1."""
+    k, n, v = 3, 4, 59
+    student = _logits(n, v, dtype=torch.float32).requires_grad_()
+    experts = _logits(k, n, v, dtype=torch.float32).requires_grad_()
+    labels, row_weights = _labels(n, v), _row_weights(n)
+    spec = make_spec(divergence="forward_kl", temperature=FUSION["temperature"], hard_weight=0.2, **LOSS)
+    grad_scale = grad_scale_for(reduction, None, labels, spec, n, v, student.device)
+    loss = FusedExpertsKDLossFunction.apply(student, experts, labels, row_weights, grad_scale, spec, reduction,
+                                            ("entropy", "prob", FUSION["sharpness"]), None,
+                                            _cuda.fused_experts_kd_rows_cuda)
+    grad_output = torch.rand(loss.shape) + 0.5
+    loss.backward(grad_output)
+    s64, z64 = _as64(student, True), _as64(experts, True)
+    ref = fused_experts_kd_loss_reference(s64, z64, weighting="entropy", space="prob", divergence="forward_kl",
+                                          hard_weight=0.2, labels=labels, row_weights=_as64(row_weights),
+                                          reduction=reduction, **FUSION, **LOSS)
+    ref.backward(grad_output.double())
+    assert_close(loss, ref, torch.float32, "loss")
+    assert_close(student.grad, s64.grad, torch.float32, "student.grad")
+    assert_close(experts.grad, z64.grad, torch.float32, "experts.grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# expert_batch_embed (csrc/expert_batch_embed.cu)
+# ------------------------------------------------------------------------------------------------
+def _batch(b: int, length: int, k: int, vocab: int, experts_mode: str):
+    """input_ids with a repeated id, a right-padded attention mask (every row >= 1 token), experts."""
+    ids = torch.randint(0, vocab, (b, length))
+    ids[:, -1] = ids[0, 0]
+    lengths = torch.randint(1, length + 1, (b,))
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    experts = {"none": None, "B": torch.randint(0, k, (b,)), "Bk": torch.randint(0, k, (b, 2))}[experts_mode]
+    return ids, mask, experts
+
+
+def check_expert_batch_embed(ids, weight, prompts, mask, experts, placement, weight_grad=True):
+    """Emulated forward (an exact copy: bitwise equal) and fp32 backward vs the float64 autograd."""
+    embeds, out_mask = _cuda.expert_batch_embed_cuda(ids, weight, prompts, mask, experts, placement)
+    ref_embeds, ref_mask = expert_batch_embed_reference(ids, weight, prompts, mask, experts, placement)
+    assert embeds.dtype == weight.dtype and torch.equal(embeds, ref_embeds)
+    assert out_mask.dtype == mask.dtype and torch.equal(out_mask, ref_mask)
+
+    grad_embeds = torch.randn(embeds.shape).to(weight.dtype)
+    k, vocab = prompts.shape[0], weight.shape[0]
+    grad_prompts, grad_weight = _cuda.expert_batch_embed_backward_cuda(grad_embeds, ids, mask, experts, k,
+                                                                       placement, weight_grad, vocab)
+    w64, p64 = _as64(weight, True), _as64(prompts, True)
+    ref64, _ = expert_batch_embed_reference(ids, w64, p64, mask, experts, placement)
+    ref64.backward(grad_embeds.double())
+    assert grad_prompts.dtype == torch.float32
+    assert_close(grad_prompts, p64.grad, torch.float32, "grad_prompts")
+    _check_grad(grad_weight, w64.grad if weight_grad else None, torch.float32, weight.shape, "grad_weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("experts_mode", ["none", "B", "Bk"])
+@pytest.mark.parametrize("placement", ["prepend", "append"])
+def test_expert_batch_embed(placement, experts_mode, dtype):
+    """H = 40: rows of 16-byte vectors (the vector copy path)."""
+    b, length, k, p, h, vocab = 3, 6, 3, 2, 40, 11
+    ids, mask, experts = _batch(b, length, k, vocab, experts_mode)
+    check_expert_batch_embed(ids, torch.randn(vocab, h).to(dtype), torch.randn(k, p, h), mask, experts,
+                             placement)
+
+
+@pytest.mark.parametrize("placement", ["prepend", "append"])
+def test_expert_batch_embed_odd_layout(placement):
+    """fp16, H = 13 (scalar copies), a weight with row stride != H, a bool mask, no weight gradient."""
+    b, length, k, p, h, vocab = 2, 5, 2, 3, 13, 9
+    ids, mask, experts = _batch(b, length, k, vocab, "Bk")
+    weight = torch.randn(vocab, h + 3).to(torch.float16)[:, 1:h + 1]
+    check_expert_batch_embed(ids, weight, torch.randn(k, p, h), mask.bool(), experts, placement,
+                             weight_grad=False)
+
+
+def test_expert_batch_embed_function():
+    """ExpertBatchEmbedFunction with the emulated forward/backward: gradients of prompts and weight."""
+    b, length, k, p, h, vocab = 3, 5, 2, 2, 24, 10
+    ids, mask, experts = _batch(b, length, k, vocab, "none")
+    weight = torch.randn(vocab, h).requires_grad_()
+    prompts = torch.randn(k, p, h).requires_grad_()
+    embeds, _ = ExpertBatchEmbedFunction.apply(prompts, weight, ids, mask, experts, "append",
+                                               _cuda.expert_batch_embed_cuda, _cuda.expert_batch_embed_backward_cuda)
+    grad = torch.randn(embeds.shape)
+    embeds.backward(grad)
+    w64, p64 = _as64(weight, True), _as64(prompts, True)
+    ref, _ = expert_batch_embed_reference(ids, w64, p64, mask, experts, "append")
+    ref.backward(grad.double())
+    assert_close(prompts.grad, p64.grad, torch.float32, "prompts.grad")
+    assert_close(weight.grad, w64.grad, torch.float32, "weight.grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# The bindings' checks and determinism
+# ------------------------------------------------------------------------------------------------
+def test_bindings_reject_bad_inputs_with_value_errors(emulated):
+    """csrc/bindings.cpp's TORCH_CHECK_VALUE checks reach Python as ValueErrors naming the problem."""
+    s = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="teacher must have the student's shape"):
+        emulated.kd_loss_forward(s, torch.randn(2, 9), None, None, torch.tensor(1.0), 0, 1.0, 0.5, 1.0, 0.0,
+                                 IGNORE, True, True, 0)
+    with pytest.raises(ValueError, match="1 <= K <= 16"):
+        emulated.fuse_experts_forward(torch.randn(17, 2, 8), 1.0, 0, 0, 1.0, None, 0)
+    with pytest.raises(ValueError, match="unit stride in its last dimension"):
+        emulated.fuse_experts_forward(torch.randn(2, 8, 3).transpose(1, 2), 1.0, 0, 0, 1.0, None, 0)
+
+
+def test_kernels_are_deterministic():
+    """Same inputs, bitwise the same outputs (fixed-order block reductions, no races between threads)."""
+    n, v = 3, 300
+    student, teacher = _logits(n, v, dtype=torch.bfloat16), _logits(n, v, dtype=torch.bfloat16)
+    labels, row_weights = _labels(n, v), _row_weights(n)
+    spec = make_spec(divergence="tvd", temperature=2.0, hard_weight=0.5, **LOSS)
+    runs = [_cuda.kd_loss_rows_cuda(student, teacher, labels, row_weights, torch.tensor(GRAD_SCALE), spec,
+                                    True, True) for _ in range(2)]
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
