@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m kdengine.selfcheck
+	$(PY) -m kdengine.train
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -50,10 +50,11 @@ MEMORY_TARGET = dict(n=8192, v=32000, ratio=0.25)
 SIZES = {
     "cuda": [(n, v) for n in (4096, 16384) for v in (32000, 128256)],
     "cuda-quick": [(1024, 32000)],
-    "cpu": [(512, 32000), (128, 128256)],
+    "cpu": [(512, 32000), (64, 128256)],
     "cpu-quick": [(32, 2000)],
 }
-PROVIDERS = ("eager", "compile", "kd_loss[torch]", "kd_loss[triton]", "kd_loss[cuda]", "liger_kl", "liger_jsd")
+PROVIDERS = ("eager", "compile", "kd_loss[torch]", "kd_loss[triton]", "kd_loss[cuda]", "liger_kl",
+             "liger_jsd")
 COLUMNS = ["provider", "mode", "N", "V", "dtype", "ms", "ms_p20", "ms_p80", "GB/s", "speedup", "peak_MB",
            "mem_ratio", "loss_rel_err", "status"]
 
@@ -181,11 +182,13 @@ def memory_target(n: int, v: int, device: str, quick: bool) -> list[dict]:
     for name, fn in (("eager", eager_kl), ("kd_loss[torch]", provider_fn("kd_loss[torch]", device, True)[0])):
         full_step(fn, *small)()
         peak = peak_extra_bytes(full_step(fn, student, teacher), device, warmup=0)
-        rows.append(dict(provider=name, mode="memory_target", N=n, V=v, dtype="float32", peak_MB=peak / 2 ** 20))
+        rows.append(dict(provider=name, mode="memory_target", N=n, V=v, dtype="float32",
+                         peak_MB=peak / 2 ** 20))
     ratio = rows[1]["peak_MB"] / rows[0]["peak_MB"]
     rows[1]["mem_ratio"] = ratio
     if quick:
-        rows[1]["status"] = f"n/a: --quick size (the target is N={MEMORY_TARGET['n']}, V={MEMORY_TARGET['v']})"
+        target = f"N={MEMORY_TARGET['n']}, V={MEMORY_TARGET['v']}"
+        rows[1]["status"] = f"n/a: --quick size (the target is {target})"
     else:
         verdict = "PASS" if ratio <= MEMORY_TARGET["ratio"] else "FAIL"
         rows[1]["status"] = f"{verdict} (target <= {MEMORY_TARGET['ratio']})"
@@ -203,10 +206,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", type=parse_size, help="N:V pairs (default depends on the device)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=parse_size,
+                        help="N:V pairs (default depends on the device)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions, no torch.compile")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -235,7 +241,7 @@ def main(argv=None) -> int:
         target = memory_target(n, v, device, args.quick)
         print_table(target, ["provider", "mode", "N", "V", "dtype", "peak_MB", "mem_ratio", "status"],
                     title=f"\nCPU memory target: kd_loss[torch] peak extra memory (fwd+bwd) <= "
-                          f"{MEMORY_TARGET['ratio']} x eager" + (" [--quick: small size]" if args.quick else ""))
+                          f"{MEMORY_TARGET['ratio']} x eager" + (" [--quick size]" if args.quick else ""))
         rows += target
     csv_path, json_path = write_results("kd_loss" + ("_quick" if args.quick else ""), rows + skipped,
                                         args.out_dir, device=device)

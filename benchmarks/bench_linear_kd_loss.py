@@ -141,16 +141,19 @@ def parse_size(text: str) -> tuple[int, int, int, int]:
     except ValueError:
         size = ()
     if len(size) != 4 or min(size) < 1:
-        raise argparse.ArgumentTypeError(f"size must be N:H:Ht:V with positive integers (e.g. 4096:2048:4096:128256), "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError("size must be N:H:Ht:V with positive integers "
+                                         f"(e.g. 4096:2048:4096:128256), got {text!r}")
     return size
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", type=parse_size, help="N:H:Ht:V (default depends on the device)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=parse_size,
+                        help="N:H:Ht:V (default depends on the device)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions, no torch.compile")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)

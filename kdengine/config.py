@@ -117,7 +117,8 @@ class TrainConfig:
     prompt_placement: str = _opt("prepend", "PEE-KD: where input prompts go", ("prepend", "append"))
     expert_weighting: str = _opt("entropy", "PEE-KD: per-example weights of the experts' outputs",
                                  ("uniform", "entropy", "confidence"))
-    expert_sharpness: float = _opt(1.0, "PEE-KD: sharpness of the expert weights (1/temperature)")
+    expert_sharpness: float = _opt(1.0, "PEE-KD: entropy weighting alpha = softmax(-H / expert_sharpness) "
+                                        "(smaller is sharper)")
     fusion_space: str = _opt("logit", "PEE-KD: fuse experts as logits or as probabilities", ("logit", "prob"))
     selector: str = _opt("learned", "PEE-KD: learned selector routing to the top experts, or none (all)",
                          ("learned", "none"))

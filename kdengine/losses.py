@@ -60,7 +60,8 @@ def _rows(t: torch.Tensor | None, name: str, last_dim: bool) -> torch.Tensor | N
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if last_dim:
         if t.dim() < 2:
-            raise ValueError(f"{name} must have shape [..., D] with at least 2 dimensions, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape [..., D] with at least 2 dimensions, got "
+                             f"{tuple(t.shape)}")
         return t.reshape(-1, t.shape[-1])
     return t.reshape(-1)
 
@@ -81,8 +82,9 @@ class KDLoss(nn.Module):
     """
 
     def __init__(self, divergence: str = "forward_kl", temperature: float = 1.0, t2_scale: bool = True,
-                 jsd_beta: float = 0.5, ignore_index: int = -100, kd_weight: float = 1.0, hard_weight: float = 0.0,
-                 reduction: str = "batchmean", chunk_size: int | None = None, backend: str | None = "auto"):
+                 jsd_beta: float = 0.5, ignore_index: int = -100, kd_weight: float = 1.0,
+                 hard_weight: float = 0.0, reduction: str = "batchmean", chunk_size: int | None = None,
+                 backend: str | None = "auto"):
         super().__init__()
         spec = make_spec(divergence=divergence, temperature=temperature, t2_scale=t2_scale, jsd_beta=jsd_beta,
                          ignore_index=ignore_index, kd_weight=kd_weight, hard_weight=hard_weight)
@@ -90,7 +92,8 @@ class KDLoss(nn.Module):
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}")
+            raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got "
+                             f"{chunk_size!r}")
         self.options = dict(spec.rows_kwargs(), reduction=reduction)
         self.chunk_size = chunk_size
         self.backend = backend
@@ -100,7 +103,8 @@ class KDLoss(nn.Module):
         return f"{extra}, chunk_size={self.chunk_size!r}, backend={self.backend!r}"
 
     def forward(self, student: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, row_weights: torch.Tensor | None = None, normalizer=None, *,
+                labels: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
+                normalizer=None, *,
                 student_weight: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
                 teacher_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Loss of ``student`` (logits [..., V], or hidden states [..., H] with ``student_weight``).
@@ -116,15 +120,18 @@ class KDLoss(nn.Module):
             fp32 scalar; with ``reduction="none"`` fp32 rows shaped like ``student.shape[:-1]``.
         """
         lead = student.shape[:-1] if isinstance(student, torch.Tensor) else None
-        rows = dict(labels=_rows(labels, "labels", False), row_weights=_rows(row_weights, "row_weights", False),
+        rows = dict(labels=_rows(labels, "labels", False),
+                    row_weights=_rows(row_weights, "row_weights", False),
                     normalizer=normalizer, backend=self.backend, **self.options)
         if student_weight is None:
             if teacher_hidden is not None or teacher_weight is not None:
-                raise ValueError("teacher_hidden / teacher_weight need the fused path: pass student hidden states "
+                raise ValueError("teacher_hidden / teacher_weight need the fused path: pass student "
+                                 "hidden states "
                                  "and student_weight=[V, H] (or pass teacher_logits instead)")
             if teacher_logits is None:
                 raise ValueError("teacher_logits [..., V] is required when student logits are given")
-            out = kd_loss(_rows(student, "student_logits", True), _rows(teacher_logits, "teacher_logits", True),
+            out = kd_loss(_rows(student, "student_logits", True),
+                          _rows(teacher_logits, "teacher_logits", True),
                           **rows)
         else:
             out = linear_kd_loss(_rows(student, "student_hidden", True), student_weight,

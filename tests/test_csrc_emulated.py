@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +34,13 @@ from kdengine.reference import (
     kd_loss_reference,
 )
 from kdengine.reference.kd_loss import DIVERGENCES
-from tests.cuda_emulator.build import build_emulated_extension, toolchain_skip_reason
+from tests.cuda_emulator.build import (
+    EmulatorBuildError,
+    build_emulated_extension,
+    build_selftest,
+    toolchain_skip_reason,
+    translate_kernels,
+)
 from tests.tolerances import assert_close
 
 _SKIP = toolchain_skip_reason()
@@ -42,9 +50,10 @@ pytestmark = [
 ]
 
 # Loss options shared by every case (the divergence, T and hard_weight vary per test).
-LOSS = dict(t2_scale=True, jsd_beta=0.3, ignore_index=-100, kd_weight=1.3)
+LOSS = {"t2_scale": True, "jsd_beta": 0.3, "ignore_index": -100, "kd_weight": 1.3}
 GRAD_SCALE = 0.37
 IGNORE = -100
+CSRC_STUB = Path("csrc/stub.cu")
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +202,10 @@ def test_kd_loss_function_backward_scales_grad_output():
 # ------------------------------------------------------------------------------------------------
 # fuse_experts and fused_experts_kd_loss rows (csrc/fuse_experts.cu)
 # ------------------------------------------------------------------------------------------------
-FUSION = dict(temperature=1.5, sharpness=0.7)
+FUSION = {"temperature": 1.5, "sharpness": 0.7}
+# Explicit mixture weights [K] with bf16 logits, [N, K] with fp16 ones.
+WEIGHT_CASES = pytest.mark.parametrize("kind, dtype", [("K", torch.bfloat16), ("NK", torch.float16)],
+                                       ids=["K-bf16", "NK-fp16"])
 
 
 def check_fuse(experts, weighting, space, weights=None):
@@ -222,7 +234,7 @@ def test_fuse_experts(space, weighting, k):
     check_fuse(_logits(k, 3, 61, dtype=torch.float32), weighting, space)
 
 
-@pytest.mark.parametrize("kind, dtype", [("K", torch.bfloat16), ("NK", torch.float16)], ids=["K-bf16", "NK-fp16"])
+@WEIGHT_CASES
 @pytest.mark.parametrize("space", ["logit", "prob"])
 def test_fuse_experts_weights(space, kind, dtype):
     """Explicit weights [K] / [N, K] with a zero weight; experts with expert stride != N·V."""
@@ -244,7 +256,8 @@ def check_fused_kd_rows(student, experts, *, divergence, weighting, space, weigh
     s64, z64 = _as64(student, need[0]), _as64(experts, need[1])
     ref = fused_experts_kd_loss_reference(
         s64, z64, weighting=weighting, space=space, weights=_as64(weights), divergence=divergence,
-        hard_weight=hard_weight, labels=labels, row_weights=_as64(row_weights), reduction="none", **FUSION, **LOSS)
+        hard_weight=hard_weight, labels=labels, row_weights=_as64(row_weights), reduction="none", **FUSION,
+        **LOSS)
     if need[0] or need[1]:
         (ref.sum() * GRAD_SCALE).backward()
     _, ref_alpha, ref_h = fuse_experts_reference(_as64(experts), weighting=weighting, space=space,
@@ -273,7 +286,7 @@ def test_fused_experts_kd_rows_divergences(space, divergence):
                         divergence=divergence, weighting="entropy", space=space)
 
 
-@pytest.mark.parametrize("kind, dtype", [("K", torch.bfloat16), ("NK", torch.float16)], ids=["K-bf16", "NK-fp16"])
+@WEIGHT_CASES
 @pytest.mark.parametrize("space", ["logit", "prob"])
 def test_fused_experts_kd_rows_weights(space, kind, dtype):
     k, n, v = 3, 4, 77
@@ -299,15 +312,16 @@ def test_fused_experts_kd_loss_function(reduction):
     labels, row_weights = _labels(n, v), _row_weights(n)
     spec = make_spec(divergence="forward_kl", temperature=FUSION["temperature"], hard_weight=0.2, **LOSS)
     grad_scale = grad_scale_for(reduction, None, labels, spec, n, v, student.device)
-    loss = FusedExpertsKDLossFunction.apply(student, experts, labels, row_weights, grad_scale, spec, reduction,
-                                            ("entropy", "prob", FUSION["sharpness"]), None,
-                                            _cuda.fused_experts_kd_rows_cuda)
+    fusion = ("entropy", "prob", FUSION["sharpness"])
+    loss = FusedExpertsKDLossFunction.apply(student, experts, labels, row_weights, grad_scale, spec,
+                                            reduction, fusion, None, _cuda.fused_experts_kd_rows_cuda)
     grad_output = torch.rand(loss.shape) + 0.5
     loss.backward(grad_output)
     s64, z64 = _as64(student, True), _as64(experts, True)
-    ref = fused_experts_kd_loss_reference(s64, z64, weighting="entropy", space="prob", divergence="forward_kl",
-                                          hard_weight=0.2, labels=labels, row_weights=_as64(row_weights),
-                                          reduction=reduction, **FUSION, **LOSS)
+    ref = fused_experts_kd_loss_reference(s64, z64, weighting="entropy", space="prob",
+                                          divergence="forward_kl", hard_weight=0.2, labels=labels,
+                                          row_weights=_as64(row_weights), reduction=reduction, **FUSION,
+                                          **LOSS)
     ref.backward(grad_output.double())
     assert_close(loss, ref, torch.float32, "loss")
     assert_close(student.grad, s64.grad, torch.float32, "student.grad")
@@ -374,7 +388,8 @@ def test_expert_batch_embed_function():
     weight = torch.randn(vocab, h).requires_grad_()
     prompts = torch.randn(k, p, h).requires_grad_()
     embeds, _ = ExpertBatchEmbedFunction.apply(prompts, weight, ids, mask, experts, "append",
-                                               _cuda.expert_batch_embed_cuda, _cuda.expert_batch_embed_backward_cuda)
+                                               _cuda.expert_batch_embed_cuda,
+                                               _cuda.expert_batch_embed_backward_cuda)
     grad = torch.randn(embeds.shape)
     embeds.backward(grad)
     w64, p64 = _as64(weight, True), _as64(prompts, True)
@@ -409,3 +424,33 @@ def test_kernels_are_deterministic():
                                     True, True) for _ in range(2)]
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulator itself
+# ------------------------------------------------------------------------------------------------
+def test_emulator_semantics(tmp_path):
+    """tests/cuda_emulator/selftest.cu: shuffles (partial warp too), exits before a barrier, per-block
+    shared memory, and the launch errors (too many threads, a deadlocked barrier)."""
+    result = subprocess.run([str(build_selftest(tmp_path))], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert lines["launch"] == "0"
+    assert [int(x) for x in lines["xor"].split()] == [t ^ 1 for t in range(48)]
+    # __shfl_down_sync by 4: lanes past the warp's end (or past the block's last thread) keep their own.
+    assert [int(x) for x in lines["down"].split()] == [
+        t + 4 if t % 32 + 4 < 32 and t + 4 < 48 else t for t in range(48)]
+    assert lines["early_exit"].split() == ["0"] + [str(64 * 100 * b + sum(range(64))) for b in range(3)]
+    assert lines["too_many_threads"] == "9 invalid configuration argument"
+    assert lines["deadlock"] == "719" and "deadlock in block (0, 0, 0)" in result.stderr
+    assert lines["after"] == "0", "cudaGetLastError must clear the error"
+
+
+def test_launch_rewrite_refuses_what_it_cannot_translate():
+    text = "k<<<1, 32, 0, s>>>(a);\nk2<scalar_t, 3><<<grid, threads, 0, s>>>(a, b);\n"
+    out = translate_kernels(text, CSRC_STUB)
+    assert "kdemu::launch(k, kdemu::LaunchConfig(1, 32, 0, s), a);" in out
+    assert "kdemu::launch(k2<scalar_t, 3>, kdemu::LaunchConfig(grid, threads, 0, s), a, b);" in out
+    with pytest.raises(EmulatorBuildError, match="1 kernel launches but 0 matched"):
+        translate_kernels("(*table[i])<<<1, 32>>>(a);", CSRC_STUB)

@@ -52,11 +52,13 @@ def project(tmp_path_factory):
 
 
 def pip_install(project, *args, build_cuda: str | None = None):
+    """pip install into a temporary location. ``--ignore-installed`` is essential: without it pip
+    uninstalls the kdengine of the running environment when installing with ``--prefix``."""
     env = {k: v for k, v in os.environ.items() if k not in ("KDENGINE_BUILD_CUDA", "PYTHONPATH")}
     if build_cuda is not None:
         env["KDENGINE_BUILD_CUDA"] = build_cuda
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-           "--disable-pip-version-check", "-v", *args]
+           "--ignore-installed", "--disable-pip-version-check", "-v", *args]
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -89,6 +91,9 @@ def test_editable_install_has_kdengine_kernels_only(project, tmp_path):
     assert state["kernels_file"] == str(project / "kernels" / "__init__.py"), state
     assert state["kd_loss_module"], state
     assert not state["top_level_kernels"], state
+    still = subprocess.run([sys.executable, "-c", "import kdengine; print(kdengine.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert still.returncode == 0 and still.stdout.strip() != "", "the environment's kdengine was uninstalled"
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the behaviour with a CPU torch")
@@ -102,4 +107,5 @@ def test_cuda_switch_on_cpu_torch(project, tmp_path):
     auto = pip_install(project, "--target", str(tmp_path / "auto"), ".")
     output = auto.stdout + auto.stderr
     assert auto.returncode == 0, output[-4000:]
-    assert "skipping the CUDA extension (the installed torch" in output and "is a CPU build" in output, output[-4000:]
+    assert "skipping the CUDA extension (the installed torch" in output, output[-4000:]
+    assert "is a CPU build" in output, output[-4000:]

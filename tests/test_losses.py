@@ -50,7 +50,8 @@ def test_fused_linear_form_matches_reference(teacher_form):
     teacher = (dict(teacher_logits=t_hidden @ t_weight.T) if teacher_form == "logits"
                else dict(teacher_hidden=t_hidden, teacher_weight=t_weight))
     loss_fn = KDLoss(chunk_size=4, backend="torch", **OPTIONS)
-    loss = loss_fn(hidden, labels=labels, row_weights=row_weights, normalizer=5.0, student_weight=weight, **teacher)
+    loss = loss_fn(hidden, labels=labels, row_weights=row_weights, normalizer=5.0, student_weight=weight,
+                   **teacher)
     h64 = hidden.detach().double().reshape(-1, h).requires_grad_()
     w64 = weight.detach().double().requires_grad_()
     want = kd_loss_reference(h64 @ w64.T, (t_hidden.double() @ t_weight.double().T).reshape(-1, v),

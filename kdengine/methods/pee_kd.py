@@ -268,12 +268,17 @@ class PEEKD(Method):
                 routing_total += int(hits.numel())
             refs.append(gather(labels))
         references = torch.cat(refs).numpy()
-        report = {key: compute_metrics(ctx.task, torch.cat(chunks).numpy(), references, ctx.label_names)
-                  for key, chunks in preds.items()}
+        report = {}
+        for key, chunks in preds.items():
+            metrics = compute_metrics(ctx.task, torch.cat(chunks).numpy(), references, ctx.label_names)
+            report[key] = {f"eval_{name}": value for name, value in metrics.items()}
         if self.selector is not None:
-            report["selector_routed"]["routing_accuracy"] = routing_hits / max(routing_total, 1)
-            report["selector_routed"]["speedup_vs_all_experts"] = (
-                timings["all_experts_s"] / max(timings["routed_s"], 1e-9))
+            routed = report["selector_routed"]
+            routed["eval_routing_accuracy"] = routing_hits / max(routing_total, 1)
+            routed["teacher_forward_speedup"] = timings["all_experts_s"] / max(timings["routed_s"], 1e-9)
+            ctx.log(f"[pee_kd] selector: routing accuracy {routed['eval_routing_accuracy']:.3f} "
+                    f"(chance {1 / k:.3f}); routed teacher runs one expert per example, "
+                    f"{routed['teacher_forward_speedup']:.2f}x faster than all {k}")
         return report
 
     def teacher_report(self) -> dict:
@@ -291,7 +296,10 @@ class PEEKD(Method):
         if experts is not None:
             logits = logits.movedim(1, 0)                                    # [B, k, ...] -> [k, B, ...]
         rows, _ = _flatten_rows(logits, batch["labels"])
-        return {"expert_logits": rows}
+        # The fused teacher itself (T = 1; [N, C] is tiny for classification) for plots and logs.
+        fused, _, _ = fuse_experts(rows.float(), weighting=args.expert_weighting, space=args.fusion_space,
+                                   sharpness=args.expert_sharpness, backend=args.kernel_backend)
+        return {"expert_logits": rows, "logits": fused.reshape(*logits.shape[1:-1], -1)}
 
     def student_loss(self, student_outputs, batch: dict, teacher_outputs: dict):
         args = self.args
@@ -301,7 +309,10 @@ class PEEKD(Method):
                                      sharpness=args.expert_sharpness, divergence=args.kd_divergence,
                                      jsd_beta=args.jsd_beta, labels=labels, kd_weight=args.kd_weight,
                                      hard_weight=args.hard_weight, backend=args.kernel_backend)
-        return loss, {"kd_loss": loss.detach()}
+        with torch.no_grad():
+            ce = F.cross_entropy(student.float(), labels, ignore_index=-100)
+        # batchmean over valid rows: loss = kd part + hard_weight · mean CE (no row weights here).
+        return loss, {"kd_loss": loss.detach() - args.hard_weight * ce, "ce_loss": ce}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:

@@ -7,27 +7,22 @@ Ops (each: reference + Triton + CUDA + autograd + dispatch, same name everywhere
 * :func:`fuse_experts`, :func:`fused_experts_kd_loss` — uncertainty-weighted fusion of K experts.
 * :func:`expert_batch_embed` — the K-expert batched prompt input.
 
-Attributes are imported on first use, so ``import kdengine.ops`` stays cheap.
+The op modules import only torch at module level (Triton kernels and the compiled extension
+are imported when a backend is first selected), so ``import kdengine.ops`` stays cheap.
 """
 
-import importlib
-
 from kdengine.ops._backends import BackendUnavailable, availability
+from kdengine.ops.expert_batch_embed import expert_batch_embed
+from kdengine.ops.fuse_experts import fuse_experts, fused_experts_kd_loss
+from kdengine.ops.kd_loss import kd_loss
+from kdengine.ops.linear_kd_loss import linear_kd_loss
 
-_LAZY = {
-    "kd_loss": "kdengine.ops.kd_loss",
-    "linear_kd_loss": "kdengine.ops.linear_kd_loss",
-    "fuse_experts": "kdengine.ops.fuse_experts",
-    "fused_experts_kd_loss": "kdengine.ops.fuse_experts",
-    "expert_batch_embed": "kdengine.ops.expert_batch_embed",
-}
-
-__all__ = ["BackendUnavailable", "availability", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'kdengine.ops' has no attribute {name!r}")
+__all__ = [
+    "BackendUnavailable",
+    "availability",
+    "expert_batch_embed",
+    "fuse_experts",
+    "fused_experts_kd_loss",
+    "kd_loss",
+    "linear_kd_loss",
+]

@@ -41,15 +41,16 @@ from kdengine.ops.kd_loss import (
     make_spec,
     rows_primitive,
 )
+from kdengine.ops.kd_loss import _chunk_rows as _kd_chunk_rows
 from kdengine.reference.kd_loss import kd_loss_rows
 
 # Default rows per chunk: the largest C with C · V <= budget elements (each fp32 [C, V] buffer
 # is at most budget · 4 bytes; about four of them are alive at once), capped at GPU_MAX_ROWS.
 # GPU: 2**29 elements (2 GiB fp32) -> 4096 rows at V = 128256 and at V = 32000.
-# CPU: 2**23 elements (32 MiB fp32) -> 262 rows at V = 32000.
+# CPU: 2**22 elements (16 MiB fp32) -> 131 rows at V = 32000.
 GPU_CHUNK_ELEMENTS = 1 << 29
 GPU_MAX_ROWS = 4096
-CPU_CHUNK_ELEMENTS = 1 << 23
+CPU_CHUNK_ELEMENTS = 1 << 22
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -83,7 +84,8 @@ class _Head:
         self.weight_c = weight if self.fp32_out else weight.to(compute)
         self.grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
                             if need_hidden else None)
-        self.grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
+        self.grad_weight = (torch.zeros(weight.shape, dtype=compute, device=weight.device)
+                            if need_weight else None)
 
     @property
     def needs_grad(self) -> bool:
@@ -118,15 +120,30 @@ class _Head:
 
 
 def _torch_rows(student, teacher, labels, row_weights, grad_scale, spec, need_s, need_t):
-    """The rows primitive on the reference math: row losses, then autograd on the chunk."""
-    s = student.detach().requires_grad_(need_s)
-    t = teacher.detach().requires_grad_(need_t)
-    with torch.enable_grad():
-        rows = kd_loss_rows(s, t, labels, row_weights, **spec.rows_kwargs())
-        inputs = [x for x in (s, t) if x.requires_grad]
-        grads = list(torch.autograd.grad(rows, inputs, grad_outputs=grad_scale.to(rows.dtype).expand_as(rows))
-                     if inputs else ())
-    return rows.detach(), grads.pop(0) if need_s else None, grads.pop(0) if need_t else None
+    """The rows primitive on the reference math: row losses, then autograd, over sub-chunks of
+    kd_loss's torch-backend size (the reference keeps ~a dozen [rows, V] temporaries alive)."""
+    n, v = student.shape
+    row_loss = torch.empty(n, dtype=student.dtype, device=student.device)
+    grad_s = torch.empty_like(student) if need_s else None
+    grad_t = torch.empty_like(teacher) if need_t else None
+    step = _kd_chunk_rows(v)
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        s = student[sl].detach().requires_grad_(need_s)
+        t = teacher[sl].detach().requires_grad_(need_t)
+        with torch.enable_grad():
+            rows = kd_loss_rows(s, t, None if labels is None else labels[sl],
+                                None if row_weights is None else row_weights[sl], **spec.rows_kwargs())
+            inputs = [x for x in (s, t) if x.requires_grad]
+            grads = list(torch.autograd.grad(rows, inputs,
+                                             grad_outputs=grad_scale.to(rows.dtype).expand_as(rows))
+                         if inputs else ())
+        row_loss[sl] = rows.detach()
+        if need_s:
+            grad_s[sl] = grads.pop(0)
+        if need_t:
+            grad_t[sl] = grads.pop(0)
+    return row_loss, grad_s, grad_t
 
 
 def _chunked(primitive, chunk, spec, student, teacher, teacher_logits, labels, row_weights, grad_scale,
@@ -169,7 +186,8 @@ class LinearKDLossFunction(torch.autograd.Function):
                 row_weights, grad_scale, spec, reduction, chunk, primitive):
         ctx.spec, ctx.reduction, ctx.chunk, ctx.primitive = spec, reduction, chunk, primitive
         ctx.used = False
-        compute = accumulation_dtype(student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight)
+        compute = accumulation_dtype(student_hidden, student_weight, teacher_logits, teacher_hidden,
+                                     teacher_weight)
         needs = ctx.needs_input_grad[:5] if reduction != "none" else (False,) * 5
         student = _Head(student_hidden, student_weight, compute, needs[0], needs[1])
         teacher = (None if teacher_logits is not None
@@ -177,8 +195,8 @@ class LinearKDLossFunction(torch.autograd.Function):
         row_loss, grad_tl = _chunked(primitive, chunk, spec, student, teacher, teacher_logits, labels,
                                      row_weights, grad_scale, needs[2])
         if reduction == "none":
-            ctx.save_for_backward(student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight,
-                                  labels, row_weights)
+            ctx.save_for_backward(student_hidden, student_weight, teacher_logits, teacher_hidden,
+                                  teacher_weight, labels, row_weights)
             return row_loss
         ctx.save_for_backward(*student.grads(), grad_tl, *(teacher.grads() if teacher else (None, None)))
         return row_loss.sum() * grad_scale
@@ -198,7 +216,8 @@ class LinearKDLossFunction(torch.autograd.Function):
     @staticmethod
     def _recompute(ctx, grad_output):
         """reduction='none': rerun the chunks with each row weighted by its grad_output."""
-        hidden, weight, teacher_logits, teacher_hidden, teacher_weight, labels, row_weights = ctx.saved_tensors
+        hidden, weight, teacher_logits, teacher_hidden, teacher_weight, labels, row_weights = (
+            ctx.saved_tensors)
         needs = ctx.needs_input_grad[:5]
         compute = accumulation_dtype(hidden, weight, teacher_logits, teacher_hidden, teacher_weight)
         student = _Head(hidden, weight, compute, needs[0], needs[1])
@@ -215,7 +234,8 @@ def _check_matrix(name: str, t, dims: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {t.dtype}")
+        raise ValueError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got "
+                         f"{t.dtype}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D {dims}, got shape {tuple(t.shape)}")
 
@@ -234,7 +254,8 @@ def _check_head(hidden_name, hidden, weight_name, weight, n_rows: int | None, vo
         raise ValueError(f"vocabulary mismatch: student_weight has V={vocab} but {weight_name} has "
                          f"V={weight.shape[0]}; both heads must cover the same vocabulary")
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"{hidden_name} is {hidden.dtype} but {weight_name} is {weight.dtype}; a head's hidden "
+        raise ValueError(f"{hidden_name} is {hidden.dtype} but {weight_name} is {weight.dtype}; a head's "
+                         "hidden "
                          "states and weight must share a dtype")
     if hidden.device != weight.device:
         raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} is on {weight.device}")
@@ -248,10 +269,12 @@ def _check_teacher(student_hidden, student_weight, teacher_logits, teacher_hidde
         raise ValueError("give exactly one teacher source: teacher_logits [N, V] or teacher_hidden [N, Ht] + "
                          "teacher_weight [V, Ht], not both")
     if not has_logits and not has_head:
-        raise ValueError("no teacher: give teacher_logits [N, V] or teacher_hidden [N, Ht] + teacher_weight [V, Ht]")
+        raise ValueError("no teacher: give teacher_logits [N, V] or teacher_hidden [N, Ht] + teacher_weight "
+                         "[V, Ht]")
     if has_head and (teacher_hidden is None or teacher_weight is None):
         missing = "teacher_weight [V, Ht]" if teacher_weight is None else "teacher_hidden [N, Ht]"
-        raise ValueError(f"the teacher head needs both teacher_hidden and teacher_weight; {missing} is missing")
+        raise ValueError(f"the teacher head needs both teacher_hidden and teacher_weight; {missing} is "
+                         "missing")
     if has_head:
         _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, n, v)
         device = teacher_hidden.device
@@ -272,7 +295,8 @@ def _check_chunk_size(chunk_size) -> None:
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or None, got "
+                         f"{chunk_size!r}")
 
 
 def _kernel_reasons(name: str, tensors) -> list[str]:
@@ -281,7 +305,8 @@ def _kernel_reasons(name: str, tensors) -> list[str]:
         bad = sorted({str(t.dtype) for t in tensors if t is not None and t.dtype.is_floating_point
                       and t.dtype not in KERNEL_DTYPES})
         if bad:
-            reasons.append(f"dtype {', '.join(bad)} unsupported (fp32/bf16/fp16; float64 runs on the torch backend)")
+            reasons.append(f"dtype {', '.join(bad)} unsupported (fp32/bf16/fp16; float64 runs on the torch "
+                           "backend)")
     return reasons
 
 
@@ -310,7 +335,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         divergence, temperature, t2_scale, jsd_beta, labels, ignore_index, kd_weight,
         hard_weight, row_weights, reduction, normalizer: as :func:`kdengine.ops.kd_loss`.
         chunk_size: rows per chunk; None picks :func:`default_chunk_rows` (~4096 rows on GPU,
-            C · V <= 2**23 elements on CPU). Results do not depend on it beyond rounding.
+            C · V <= 2**22 elements on CPU). Results do not depend on it beyond rounding.
         backend: ``auto`` | ``cuda`` | ``triton`` | ``torch`` — whose kd_loss rows primitive runs
             on each chunk (the matmuls are torch's); ``KDENGINE_BACKEND`` overrides.
 
@@ -331,9 +356,11 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     n, v = student_hidden.shape[0], student_weight.shape[0]
     device = student_hidden.device
     labels, row_weights = check_row_args(n, device, labels, row_weights, reduction, normalizer, spec)
-    tensors = [student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, labels, row_weights]
+    tensors = [student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, labels,
+               row_weights]
     name = _backends.select("linear_kd_loss", backend, lambda b: _kernel_reasons(b, tensors))
-    compute = accumulation_dtype(student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight)
+    compute = accumulation_dtype(student_hidden, student_weight, teacher_logits, teacher_hidden,
+                                 teacher_weight)
     grad_scale = grad_scale_for(reduction, normalizer, labels, spec, n, v, device, compute)
     primitive = _torch_rows if name == "torch" else rows_primitive(name)
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_rows(v, device)

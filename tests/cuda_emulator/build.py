@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -30,10 +31,11 @@ from torch.utils import cpp_extension
 HERE = Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
 CSRC = HERE.parent.parent / "csrc"
+SELFTEST = HERE / "selftest.cu"
 EXTENSION_NAME = "_C"
 CFLAGS = ["-O1"]
 
-_LAUNCH = re.compile(r"(?P<kernel>\w+(?:<[^;{}()]*?>)?)\s*<<<(?P<config>.*?)>>>\s*\(", re.S)
+_LAUNCH = re.compile(r"(?P<kernel>\w+(?:<[^;{}()]*?>)?)\s*<<<(?P<config>.*?)>>>\s*\(", re.DOTALL)
 _CHECK_CUDA = "#define CHECK_CUDA(x) TORCH_CHECK_VALUE((x).is_cuda(),"
 _CHECK_EMULATED = "#define CHECK_CUDA(x) TORCH_CHECK_VALUE((x).is_cpu(),"
 
@@ -117,3 +119,17 @@ def build_emulated_extension(build_dir: Path, *, verbose: bool = False):
         with_cuda=False,
         verbose=verbose,
     )
+
+
+def build_selftest(build_dir: Path) -> Path:
+    """Compile selftest.cu (plain C++ on the emulator, no torch) into ``build_dir``; returns the program."""
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    text = translate_kernels(SELFTEST.read_text(), SELFTEST)
+    source = _write_if_changed(build_dir / "selftest_emu.cpp", text)
+    program = build_dir / "selftest"
+    result = subprocess.run([os.environ.get("CXX", "c++"), "-std=c++17", *CFLAGS, f"-I{INCLUDE}", str(source),
+                             "-o", str(program)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise EmulatorBuildError(f"{SELFTEST} did not compile:\n{result.stderr[-4000:]}")
+    return program

@@ -167,7 +167,7 @@ def test_chunks_never_exceed_chunk_size(monkeypatch):
 def test_default_chunk_rows():
     assert default_chunk_rows(128256, torch.device("cuda")) == 4096
     assert default_chunk_rows(32000, torch.device("cuda")) == 4096
-    assert default_chunk_rows(32000, torch.device("cpu")) == (1 << 23) // 32000
+    assert default_chunk_rows(32000, torch.device("cpu")) == (1 << 22) // 32000
     assert default_chunk_rows(10**9, torch.device("cpu")) == 1
 
 
@@ -200,8 +200,10 @@ def test_no_grad_inputs_give_a_constant():
     (dict(h=(4, 8), w=(10, 8), t=(4, 10), th=(4, 5), tw=(10, 5)), r"exactly one teacher source"),
     (dict(h=(4, 8), w=(10, 8), th=(4, 5)), r"teacher_weight \[V, Ht\] is missing"),
     (dict(h=(4, 8), w=(10, 8), th=(4, 5), tw=(10, 6)), r"teacher_hidden has H=5 but teacher_weight has H=6"),
-    (dict(h=(4, 8), w=(10, 8), th=(4, 5), tw=(12, 5)), r"student_weight has V=10 but teacher_weight has V=12"),
-    (dict(h=(4, 8), w=(10, 8), th=(2, 5), tw=(10, 5)), r"student_hidden has N=4 rows but teacher_hidden has N=2"),
+    (dict(h=(4, 8), w=(10, 8), th=(4, 5), tw=(12, 5)),
+     r"student_weight has V=10 but teacher_weight has V=12"),
+    (dict(h=(4, 8), w=(10, 8), th=(2, 5), tw=(10, 5)),
+     r"student_hidden has N=4 rows but teacher_hidden has N=2"),
     (dict(h=(4, 8, 2), w=(10, 8), t=(4, 10)), r"student_hidden must be 2-D \[N, H\]"),
     (dict(h=(4, 8), w=(10, 8), t=(4, 10), chunk_size=0), r"chunk_size must be a positive integer"),
     (dict(h=(4, 8), w=(10, 8), t=(4, 10), hard_weight=0.5), r"hard_weight != 0 needs labels"),
@@ -210,14 +212,15 @@ def test_no_grad_inputs_give_a_constant():
 def test_bad_input_raises_value_error(kwargs, match):
     kwargs = dict(kwargs)
     args = {name: torch.randn(*kwargs.pop(key)) for key, name in
-            (("h", "student_hidden"), ("w", "student_weight"), ("t", "teacher_logits"), ("th", "teacher_hidden"),
-             ("tw", "teacher_weight")) if key in kwargs}
+            (("h", "student_hidden"), ("w", "student_weight"), ("t", "teacher_logits"),
+             ("th", "teacher_hidden"), ("tw", "teacher_weight")) if key in kwargs}
     with pytest.raises(ValueError, match=match):
         linear_kd_loss(**args, **kwargs, backend="torch")
 
 
 def test_dtype_mismatch_of_a_head_raises():
-    with pytest.raises(ValueError, match="student_hidden is torch.bfloat16 but student_weight is torch.float32"):
+    with pytest.raises(ValueError,
+                       match="student_hidden is torch.bfloat16 but student_weight is torch.float32"):
         linear_kd_loss(torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(5, 4), torch.randn(2, 5))
 
 
@@ -226,3 +229,23 @@ def test_float64_needs_the_torch_backend():
                torch.randn(2, 5, dtype=torch.float64))
     with pytest.raises(BackendUnavailable, match="float64"):
         linear_kd_loss(h, w, t, backend="triton")
+
+
+def test_torch_backend_sub_chunks_a_large_chunk():
+    """A chunk wider than kd_loss's torch-backend chunk (15 rows at V = 65537) is split again inside."""
+    n, h, v = 37, 4, 65537
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) * 1.5).requires_grad_()
+    teacher = torch.randn(n, v) * 3
+    labels = torch.randint(0, v, (n,))
+    labels[::3] = -100
+    loss = linear_kd_loss(hidden, weight, teacher, labels=labels, hard_weight=0.5, divergence="reverse_kl",
+                          chunk_size=n, backend="torch")
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = kd_loss_reference(h64 @ w64.T, teacher.double(), labels=labels, hard_weight=0.5,
+                             divergence="reverse_kl")
+    assert_close(loss, want, torch.float32, msg="loss")
+    loss.backward()
+    want.backward()
+    assert_close(hidden.grad, h64.grad, torch.float32, msg="grad hidden")
+    assert_close(weight.grad, w64.grad, torch.float32, msg="grad weight")

@@ -127,3 +127,20 @@ def test_conll2003_token_classification(tmp_path):
 
     student = AutoModelForTokenClassification.from_pretrained(out)
     assert student.config.num_labels == 9 and student.config.num_hidden_layers == 1
+
+
+def test_each_stage_runs_alone(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = small_args(out, method="vanilla_kd")
+    assert main(flags + ["--stages", "student"]) == 2
+    assert "the teacher stage has not run" in capsys.readouterr().err
+    assert main(flags + ["--stages", "teacher"]) == 0
+    assert (out / "teacher" / "model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert main(flags + ["--stages", "evaluate"]) == 2
+    assert "the student stage has not run" in capsys.readouterr().err
+    assert main(flags + ["--stages", "student"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "eval_results.json").exists()
+    assert main(flags + ["--stages", "teacher,method,evaluate"]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing the fine-tuned teacher" in printed
+    _assert_run_dir(out)

@@ -19,7 +19,9 @@ inline float __bfloat162float(__nv_bfloat16 x) {
 inline __nv_bfloat16 __float2bfloat16(float f) {
   std::uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return __nv_bfloat16{static_cast<std::uint16_t>((bits >> 16) | 0x40u)};
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {  // NaN: keep the sign, make it quiet
+    return __nv_bfloat16{static_cast<std::uint16_t>((bits >> 16) | 0x40u)};
+  }
   // Add half an ulp of bf16 minus one, plus the kept lowest bit (ties to even); a carry moves the
   // exponent up, and rounds to inf past the largest finite bf16.
   bits += 0x7FFFu + ((bits >> 16) & 1u);

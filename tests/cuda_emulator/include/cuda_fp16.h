@@ -20,7 +20,8 @@ inline float __half2float(__half h) {
     return sign ? -magnitude : magnitude;
   }
   // inf / NaN keep an all-ones exponent; normal numbers rebias 15 -> 127.
-  const std::uint32_t bits = sign | (exponent == 0x1Fu ? 0x7F800000u : (exponent + 112u) << 23) | (mantissa << 13);
+  const std::uint32_t biased = exponent == 0x1Fu ? 0xFFu : exponent + 112u;
+  const std::uint32_t bits = sign | (biased << 23) | (mantissa << 13);
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;

@@ -26,9 +26,10 @@
 //   * The fast intrinsics __expf / __logf are the exact expf / logf (on the GPU they are ~2 ulp
 //     approximations): this checks the kernels' math and indexing, not the GPU's last bits.
 //   * Timing, occupancy, coalescing, bank conflicts: the emulator says nothing about speed.
-//   * The memory model: threads interleave only at barriers and shuffles, in a fixed order (a
-//     thread runs ahead until it blocks). A race where a thread overtakes a missing barrier shows
-//     up deterministically; a race that needs finer interleaving does not.
+//   * The memory model: threads interleave only at barriers and shuffles, in a fixed order that
+//     lets the lowest-numbered runnable thread (highest in odd blocks) run ahead as far as the
+//     barriers allow. A race where a thread overtakes a missing barrier therefore shows up every
+//     time; a race that needs a finer interleaving does not.
 //   * Streams (ignored), dynamic shared memory and 2-D/3-D blocks (cudaErrorNotSupported), atomics,
 //     __shfl_sync / __shfl_up_sync, sub-warp widths and the rest of the runtime API (absent: code
 //     using them does not compile here).
@@ -38,6 +39,7 @@
 #include <math.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -116,21 +118,13 @@ constexpr std::uint64_t kStackCanary = 0x6B64656D75737461ull;
 // The error of the last launch on this host thread (cudaGetLastError reads and clears it).
 inline thread_local cudaError_t last_error = cudaSuccess;
 
-// A barrier of a block's threads (all of them, or one warp's). Threads that returned from the
-// kernel leave it (drop), so the others do not wait for them.
+// A barrier of a block's threads: all of them (__syncthreads) or one warp's, threads
+// [first, last]. Threads that returned from the kernel leave it (drop): nobody waits for them.
 struct Barrier {
   unsigned expected = 0;
+  unsigned first = 0, last = 0;
   unsigned arrived = 0;
   std::uint64_t phase = 0;
-
-  void complete() {
-    arrived = 0;
-    ++phase;
-  }
-  void drop() {
-    --expected;
-    if (arrived > 0 && arrived == expected) complete();
-  }
 };
 
 // One emulated thread: a fiber with its own stack, resumed by the block's scheduler.
@@ -144,7 +138,13 @@ struct Fiber {
   bool runnable() const { return !done && (waiting == nullptr || waiting->phase != waiting_phase); }
 };
 
-// The running block: its fibers, its barriers and the shuffle exchange slots.
+// The running block: its fibers, barriers and shuffle exchange slots, and the scheduling order.
+//
+// The scheduler always resumes the runnable thread of lowest rank, so a thread runs ahead of the
+// others as far as the barriers let it: a missing barrier between a write and another thread's
+// read (or the reuse of a shared buffer) gives a wrong result every time rather than sometimes.
+// Rank is the thread index in even blocks and its reverse in odd blocks, so that either side of
+// such a race gets to run ahead.
 struct Block {
   explicit Block(unsigned n_threads)
       : fibers(n_threads),
@@ -154,11 +154,19 @@ struct Block {
     for (unsigned t = 0; t < n_threads; ++t) fibers[t].stack = stacks.get() + t * kStackBytes;
   }
 
+  unsigned size() const { return static_cast<unsigned>(fibers.size()); }
+  unsigned thread_of(unsigned rank) const { return reversed ? size() - 1 - rank : rank; }
+
   // Fresh barriers and fibers for the next block; `entry` runs the kernel in fiber `threadIdx.x`.
-  void reset(void (*entry)()) {
-    const unsigned n = static_cast<unsigned>(fibers.size());
-    sync = Barrier{n};
-    for (unsigned w = 0; w < warps.size(); ++w) warps[w] = Barrier{n - w * kWarpSize < kWarpSize ? n - w * kWarpSize : kWarpSize};
+  void reset(void (*entry)(), bool reverse_order) {
+    const unsigned n = size();
+    reversed = reverse_order;
+    next_rank = 0;
+    sync = Barrier{n, 0, n - 1};
+    for (unsigned w = 0; w < warps.size(); ++w) {
+      const unsigned first = w * kWarpSize, last = std::min(n, first + kWarpSize) - 1;
+      warps[w] = Barrier{last - first + 1, first, last};
+    }
     for (Fiber& f : fibers) {
       f.done = false;
       f.waiting = nullptr;
@@ -171,13 +179,27 @@ struct Block {
     }
   }
 
+  // A phase of `b` is over: its waiting threads are runnable again.
+  void complete(Barrier& b) {
+    b.arrived = 0;
+    ++b.phase;
+    next_rank = std::min(next_rank, reversed ? size() - 1 - b.last : b.first);
+  }
+
+  void drop(Barrier& b) {
+    --b.expected;
+    if (b.arrived > 0 && b.arrived == b.expected) complete(b);
+  }
+
   std::vector<Fiber> fibers;
-  Barrier sync;                      // __syncthreads
-  std::vector<Barrier> warps;        // one per warp: the shuffles
+  Barrier sync;                         // __syncthreads
+  std::vector<Barrier> warps;           // one per warp: the shuffles
   std::vector<std::uint64_t> exchange;  // one slot per lane: the shuffled values
   std::unique_ptr<char[]> stacks;
   ucontext_t scheduler;
-  std::function<void()> kernel;      // the kernel call with this launch's arguments
+  std::function<void()> kernel;         // the kernel call with this launch's arguments
+  bool reversed = false;
+  unsigned next_rank = 0;               // no thread of lower rank is runnable
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -185,11 +207,11 @@ inline thread_local Block* current_block = nullptr;
 // Waits (yielding to the scheduler) until every live member of `b` has arrived. The last to
 // arrive completes the barrier and goes on at once, as on the GPU.
 inline void arrive_and_wait(Barrier& b) {
+  Block& block = *current_block;
   if (++b.arrived == b.expected) {
-    b.complete();
+    block.complete(b);
     return;
   }
-  Block& block = *current_block;
   Fiber& self = block.fibers[threadIdx.x];
   self.waiting = &b;
   self.waiting_phase = b.phase;
@@ -218,37 +240,36 @@ inline void fiber_entry() {
   const unsigned t = threadIdx.x;
   block.kernel();
   block.fibers[t].done = true;
-  block.warps[t / kWarpSize].drop();
-  block.sync.drop();
+  block.drop(block.warps[t / kWarpSize]);
+  block.drop(block.sync);
 }
 
 // Runs the fibers of the current block until all returned. Returns false on a deadlock (every
 // live thread waits on a barrier that cannot complete), after describing it on stderr.
 inline bool run_block(Block& block) {
-  unsigned live = static_cast<unsigned>(block.fibers.size());
-  while (live > 0) {
-    bool progressed = false;
-    for (unsigned t = 0; t < block.fibers.size(); ++t) {
-      Fiber& f = block.fibers[t];
-      if (!f.runnable()) continue;
-      threadIdx = dim3(t, 0, 0);
-      swapcontext(&block.scheduler, &f.context);
-      std::uint64_t canary;
-      std::memcpy(&canary, f.stack, sizeof canary);
-      if (canary != kStackCanary) {
-        std::fprintf(stderr, "kdemu: thread %u of block %u overflowed its %zu-byte emulated stack\n", t,
-                     blockIdx.x, kStackBytes);
-        std::abort();
-      }
-      progressed = true;
-      if (f.done) --live;
-    }
-    if (!progressed) {
+  const unsigned n = block.size();
+  for (unsigned live = n; live > 0;) {
+    unsigned rank = block.next_rank;
+    while (rank < n && !block.fibers[block.thread_of(rank)].runnable()) ++rank;
+    if (rank == n) {
       std::fprintf(stderr, "kdemu: deadlock in block (%u, %u, %u): %u live threads all wait on a barrier "
                    "that cannot complete (divergent __syncthreads or warp shuffle)\n",
                    blockIdx.x, blockIdx.y, blockIdx.z, live);
       return false;
     }
+    block.next_rank = rank;  // the thread resumed now blocks or returns before the next pick
+    const unsigned t = block.thread_of(rank);
+    Fiber& f = block.fibers[t];
+    threadIdx = dim3(t, 0, 0);
+    swapcontext(&block.scheduler, &f.context);
+    std::uint64_t canary;
+    std::memcpy(&canary, f.stack, sizeof canary);
+    if (canary != kStackCanary) {
+      std::fprintf(stderr, "kdemu: thread %u of block %u overflowed its %zu-byte emulated stack\n", t,
+                   blockIdx.x, kStackBytes);
+      std::abort();
+    }
+    if (f.done) --live;
   }
   return true;
 }
@@ -291,7 +312,7 @@ void launch(void (*kernel)(Params...), const LaunchConfig& config, Args&&... arg
     for (unsigned by = 0; ok && by < config.grid.y; ++by)
       for (unsigned bx = 0; ok && bx < config.grid.x; ++bx) {
         blockIdx = dim3(bx, by, bz);
-        block.reset(&fiber_entry);
+        block.reset(&fiber_entry, (bx + by + bz) % 2 == 1);
         ok = run_block(block);
       }
   current_block = nullptr;
