@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import kdengine.ops.kd_loss  # noqa: F401 - the submodule shadows the lazy kdengine.ops.kd_loss export once imported
+import kdengine.ops.kd_loss  # noqa: F401  (regression: importing the submodule must not shadow the kd_loss function)
 from kdengine.train.__main__ import main
 from tests.train import small_args
 
