@@ -35,12 +35,24 @@ def effective_divergence(divergence: str, jsd_beta: float) -> str:
     return divergence
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """True when no value is −inf (a masked column) or NaN, so the masking below can be skipped.
+
+    One reduction per tensor (``isfinite`` costs four elementwise passes); a host sync on GPU.
+    Logits and log-probabilities are never +inf here (+inf logits give NaN log-probs).
+    """
+    return all(bool(t.amin() > -math.inf) for t in tensors)
+
+
 def _weighted_log_ratio(log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
     """Σ_v w_v (log w_v − log other_v) with w = exp(log_w); columns where w = 0 contribute 0.
 
     The masked columns are replaced by zeros *before* the product so that no NaN reaches
-    either the value or the gradient (the usual torch.where double-branch trap).
+    either the value or the gradient (the usual torch.where double-branch trap). Rows with no
+    masked column (the common case) take the plain formula: same values, a third of the ops.
     """
+    if _all_finite(log_w, log_other):
+        return (log_w.exp() * (log_w - log_other)).sum(-1)
     keep = log_w > -math.inf
     safe_w = torch.where(keep, log_w, torch.zeros_like(log_w))
     safe_o = torch.where(keep, log_other, torch.zeros_like(log_other))
@@ -53,6 +65,8 @@ def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, *, divergence:
     """D per row, [N, V] × [N, V] -> [N], computed in the inputs' dtype (use float64 for truth)."""
     divergence = effective_divergence(divergence, jsd_beta)
     if divergence == "mse":
+        if _all_finite(student, teacher):
+            return (student - teacher).pow(2).sum(-1) / student.shape[-1]
         finite = torch.isfinite(student) & torch.isfinite(teacher)
         diff = torch.where(finite, student - teacher, torch.zeros_like(student))
         return diff.pow(2).sum(-1) / student.shape[-1]
@@ -69,6 +83,9 @@ def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, *, divergence:
     if divergence == "jsd":
         beta = jsd_beta
         # log m = log(β p + (1−β) q); columns where both are 0 stay −inf without NaN gradients.
+        if _all_finite(log_p, log_q):
+            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+            return beta * _weighted_log_ratio(log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(log_q, log_m)
         either = (log_p > -math.inf) | (log_q > -math.inf)
         safe_p = torch.where(either, log_p, torch.zeros_like(log_p))
         safe_q = torch.where(either, log_q, torch.zeros_like(log_q))
