@@ -45,13 +45,18 @@ import torch
 import triton
 import triton.language as tl
 
-_FORWARD_KL = tl.constexpr(0)
-_REVERSE_KL = tl.constexpr(1)
-_SOFT_CE = tl.constexpr(2)
-_JSD = tl.constexpr(3)
-_TVD = tl.constexpr(4)
-_MSE = tl.constexpr(5)
-_KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "soft_ce": 2, "jsd": 3, "tvd": 4, "mse": 5}
+from kdengine.kernels.kd_loss import (  # shared divergence ids, base-2 constants and row helpers
+    _FORWARD_KL,
+    _JSD,
+    _KIND_IDS,
+    _LN2,
+    _MSE,
+    _REVERSE_KL,
+    _SOFT_CE,
+    _TVD,
+    _load,
+    _online_step,
+)
 
 _UNIFORM = tl.constexpr(0)
 _ENTROPY = tl.constexpr(1)
@@ -63,8 +68,6 @@ _LOGIT = tl.constexpr(0)
 _PROB = tl.constexpr(1)
 _SPACE_IDS = {"logit": 0, "prob": 1}
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # Elements of one [K_PAD, BLOCK] expert tile. Pass 2 of prob space keeps about six such tiles live,
 # so 4096 elements over 8 warps is 16 per thread and tile.
@@ -86,20 +89,6 @@ def _load_experts(e_row, stride_k, k_offs, offs, K, V, c):
     ptrs = e_row + k_offs[:, None].to(tl.int64) * stride_k + offs[None, :]
     mask = (k_offs[:, None] < K) & (offs[None, :] < V)
     return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32) * c
-
-
-@triton.jit
-def _load_row(row_ptr, offs, V):
-    return tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-
-
-@triton.jit
-def _online_step(m, x):
-    # One chunk of a 1-D online base-2 softmax: new max, the factor rescaling the old sums, and
-    # exp2(x − max). While only −inf was seen, 0 is the reference (no −inf − (−inf) = NaN).
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, tl.exp2(m - ref), tl.exp2(x - ref)
 
 
 @triton.jit
@@ -287,7 +276,7 @@ def _fused_experts_kd_rows_kernel(
     z_1 = tl.zeros([BLOCK], tl.float32)
     if SOFTMAX or OWN_T1:
         for start in range(0, V, BLOCK):
-            s = _load_row(s_row, start + cols, V)
+            s = _load(s_row, start + cols, V)
             if SOFTMAX:
                 m_s, f, e = _online_step(m_s, s * c)
                 z_s = z_s * f + e
@@ -328,7 +317,7 @@ def _fused_experts_kd_rows_kernel(
     for start in range(0, V, BLOCK):
         offs = start + cols
         x = _load_experts(e_row, stride_ek, k_offs, offs, K, V, c)
-        s = _load_row(s_row, offs, V)
+        s = _load(s_row, offs, V)
         a2, lp = _fused_log2p(x, lse, alpha, lse_f, SPACE)
         b2 = s * c - lse_s
         term, r, sigma = _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
@@ -361,7 +350,7 @@ def _fused_experts_kd_rows_kernel(
         for start in range(0, V, BLOCK):
             offs = start + cols
             x = _load_experts(e_row, stride_ek, k_offs, offs, K, V, c)
-            s = _load_row(s_row, offs, V)
+            s = _load(s_row, offs, V)
             a2, lp = _fused_log2p(x, lse, alpha, lse_f, SPACE)
             b2 = s * c - lse_s
             term, r, sigma = _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
