@@ -45,6 +45,7 @@ from kdengine.ops.kd_loss import (
     check_row_args,
     grad_scale_for,
     make_spec,
+    scale_saved_gradients_once,
 )
 from kdengine.reference.fuse_experts import SPACES, WEIGHTINGS, fuse_experts_reference, fused_log_probs
 from kdengine.reference.kd_loss import kd_loss_rows
@@ -328,17 +329,7 @@ class FusedExpertsKDLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("fused_experts_kd_loss backward ran twice: its gradients are scaled in "
-                               "place, so retain_graph re-use is not supported; recompute the loss instead")
-        ctx.used = True
-        grad_s, grad_e = ctx.saved_tensors
-        # Scale in fp32 and round once into the gradient's dtype.
-        grad_output = grad_output.float()
-        if grad_s is not None:
-            grad_s = grad_s.mul_(grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output)
-        if grad_e is not None:
-            grad_e = grad_e.mul_(grad_output.view(1, -1, 1) if ctx.reduction == "none" else grad_output)
+        grad_s, grad_e = scale_saved_gradients_once(ctx, grad_output, "fused_experts_kd_loss")
         return grad_s, grad_e, None, None, None, None, None, None, None, None
 
 

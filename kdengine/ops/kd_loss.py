@@ -263,18 +263,25 @@ class KDLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("kd_loss backward ran twice: its gradients are scaled in place, so "
-                               "retain_graph re-use is not supported; recompute the loss instead")
-        ctx.used = True
-        grad_s, grad_t = ctx.saved_tensors
-        # Scale in fp32 and round once into the gradient's dtype.
-        scale = (grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output).float()
-        if grad_s is not None:
-            grad_s = grad_s.mul_(scale)
-        if grad_t is not None:
-            grad_t = grad_t.mul_(scale)
+        grad_s, grad_t = scale_saved_gradients_once(ctx, grad_output, "kd_loss")
         return grad_s, grad_t, None, None, None, None, None, None
+
+
+def scale_saved_gradients_once(ctx, grad_output, op: str) -> list:
+    """Backward of a gradient-in-forward Function: scale its saved gradients by grad_output in place.
+
+    The gradients' rows are their dim −2 ([N, V] or [K, N, V]); ``reduction="none"`` gives a
+    per-row grad_output [N]. The scale is applied in fp32 and rounded once into the gradient's
+    dtype. In place, so one graph's backward can run only once (no retain_graph re-use).
+    """
+    if ctx.used:
+        raise RuntimeError(f"{op} backward ran twice: its gradients are scaled in place, so "
+                           "retain_graph re-use is not supported; recompute the loss instead")
+    ctx.used = True
+    scale = grad_output.float()
+    if ctx.reduction == "none":
+        scale = scale.unsqueeze(-1)
+    return [None if g is None else g.mul_(scale) for g in ctx.saved_tensors]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "forward_kl",
