@@ -10,8 +10,9 @@ import pytest
 
 from kdengine.data import load_task_data, make_collate_fn, tokenize_split
 from kdengine.data.readers import read_conll_file
+from tests.shared_data import SHARED_DATA
 
-DATA = "/work/shared/data"
+DATA = SHARED_DATA
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"{DATA} is absent")
 
 

