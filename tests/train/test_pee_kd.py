@@ -1,0 +1,100 @@
+"""PEE-KD specifics: the uncertainty weighting, the selector's targets, and the method's variants."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdengine.methods.pee_kd import PEEKD
+from kdengine.methods.selector import TIE_BREAK, ExpertSelector, expert_scores
+from kdengine.train.__main__ import main
+from tests.train import small_args
+
+
+def _method(weighting_loss: str) -> PEEKD:
+    ctx = SimpleNamespace(args=SimpleNamespace(expert_weighting_loss=weighting_loss))
+    return PEEKD(ctx)
+
+
+def test_uncertainty_weighting_is_a_softmax_over_expert_certainty():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 4, requires_grad=True)                 # K=3 experts, B=6, C=4
+    labels = torch.tensor([0, 1, 2, 3, 0, -100])
+    loss, weights = _method("uncertainty")._expert_loss(logits, labels)
+    probs = logits.detach().softmax(-1)
+    valid = labels != -100
+    certainty = torch.stack([((probs[k].argmax(-1) == labels) & valid).float().mul(probs[k].max(-1).values).sum()
+                             / valid.sum() for k in range(3)])
+    torch.testing.assert_close(weights, certainty.softmax(0))
+    ce = torch.stack([F.cross_entropy(logits[k], labels, ignore_index=-100) for k in range(3)])
+    torch.testing.assert_close(loss, (weights * ce).sum())
+    (grad,) = torch.autograd.grad(loss, logits)                        # weights are constants
+    want = torch.autograd.grad((weights.detach() * ce).sum(), logits)[0]
+    torch.testing.assert_close(grad, want)
+
+
+def test_plain_averaging_switch():
+    logits = torch.randn(4, 5, 3)
+    labels = torch.randint(0, 3, (5,))
+    loss, weights = _method("none")._expert_loss(logits, labels)
+    torch.testing.assert_close(weights, torch.full((4,), 0.25))
+    ce = torch.stack([F.cross_entropy(logits[k], labels) for k in range(4)])
+    torch.testing.assert_close(loss, ce.mean())
+
+
+def test_selector_target_prefers_correct_and_confident_then_closest():
+    # Example 0: experts 1 and 2 are right, 2 more confident. Example 1: nobody is right; expert 0
+    # gives the true label the most probability.
+    logits = torch.tensor([[[0.0, 1.0], [0.0, 0.5]],
+                           [[2.0, 0.0], [0.0, 3.0]],
+                           [[4.0, 0.0], [0.0, 6.0]]])                  # [K=3, B=2, C=2]
+    labels = torch.tensor([0, 0])
+    scores = expert_scores(logits, labels)
+    assert scores.shape == (2, 3)
+    assert scores.argmax(-1).tolist() == [2, 0]
+    p = logits.softmax(-1)
+    torch.testing.assert_close(scores[0, 1], p[1, 0, 0] + TIE_BREAK * p[1, 0, 0])
+
+
+def test_selector_token_scores_average_over_labelled_tokens():
+    logits = torch.randn(2, 3, 5, 4)
+    labels = torch.randint(0, 4, (3, 5))
+    labels[:, -2:] = -100
+    full = expert_scores(logits, labels)
+    cut = expert_scores(logits[:, :, :3], labels[:, :3])
+    torch.testing.assert_close(full, cut)
+
+
+def test_selector_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    selector = ExpertSelector(torch.randn(50, 8), num_experts=3, hidden_size=16)
+    ids = torch.randint(0, 50, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    selector.save_pretrained(tmp_path)
+    loaded = ExpertSelector.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(ids, mask), selector(ids, mask))
+    # Padding is masked out of the max-pool: changing a padded token changes nothing.
+    ids2 = ids.clone()
+    ids2[0, 5] = (ids2[0, 5] + 1) % 50
+    torch.testing.assert_close(selector(ids2, mask), selector(ids, mask))
+
+
+@pytest.mark.parametrize("flags", [
+    dict(teacher_top_k=1, fusion_space="prob", expert_weighting="confidence"),
+    dict(prompt_kind="prompt", selector="none", expert_weighting_loss="none", expert_weighting="uniform"),
+], ids=["routed-top1-prob", "input-prompts-no-selector"])
+def test_pee_kd_variants_run_and_report(tmp_path, flags):
+    out = tmp_path / "run"
+    assert main(small_args(out, method="pee_kd", num_experts=3, num_virtual_tokens=2,
+                           expert_num_train_epochs=1, selector_num_train_epochs=1, **flags)) == 0
+    report = json.loads((out / "teacher_results.json").read_text())
+    rows = {"expert_0", "expert_1", "expert_2", "uniform_fusion", "oracle_routed"}
+    assert rows <= set(report)
+    assert ("selector_routed" in report) == (flags.get("selector", "learned") == "learned")
+    for name in rows:
+        assert 0.0 <= report[name]["eval_accuracy"] <= 1.0
+    assert (out / "experts" / "stage_complete.json").is_file()
+    assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] >= 0.0
