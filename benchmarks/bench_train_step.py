@@ -80,12 +80,14 @@ def _setup(args, workdir: str):
 
 
 def _bare_step(teacher, student, optimizer, batch, uses_teacher: bool):
+    """The model work of one step in plain PyTorch. ``teacher`` maps the inputs to [B, C] logits
+    (for PEE-KD: the K prompt experts' batched forward, averaged in logit space)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     logits = student(**inputs).logits
     loss = F.cross_entropy(logits, batch["labels"])
     if uses_teacher:
         with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits
+            teacher_logits = teacher(inputs)
         kl = F.kl_div(F.log_softmax(logits / TEMPERATURE, -1), F.log_softmax(teacher_logits / TEMPERATURE, -1),
                       log_target=True, reduction="batchmean")
         loss = 0.7 * loss + 0.3 * TEMPERATURE ** 2 * kl
@@ -111,7 +113,13 @@ def _measure(method_name: str, args, cfg, inputs, teacher, new_student, batch, w
 
     bare_student = new_student().to(args.device)
     bare_optimizer = torch.optim.AdamW(param_groups(bare_student, cfg.weight_decay), lr=cfg.learning_rate)
-    bare = time_ms(lambda: _bare_step(teacher, bare_student, bare_optimizer, batch, method_cls.uses_teacher),
+    if method_name == "pee_kd":
+        def bare_teacher(inputs):
+            return method.experts(**inputs).logits.mean(0)           # [K, B, C] -> logit average
+    else:
+        def bare_teacher(inputs):
+            return teacher(**inputs).logits
+    bare = time_ms(lambda: _bare_step(bare_teacher, bare_student, bare_optimizer, batch, method_cls.uses_teacher),
                    device=args.device)
 
     trainer = Trainer(cfg, accelerator, new_student(), method, run_dir, save_checkpoints=False, desc=method_name)
@@ -122,7 +130,7 @@ def _measure(method_name: str, args, cfg, inputs, teacher, new_student, batch, w
     loop_optimizer = torch.optim.AdamW(param_groups(loop_student, cfg.weight_decay), lr=cfg.learning_rate)
     started = time.perf_counter()
     for item in loader:
-        _bare_step(teacher, loop_student, loop_optimizer, {k: v.to(args.device) for k, v in item.items()},
+        _bare_step(bare_teacher, loop_student, loop_optimizer, {k: v.to(args.device) for k, v in item.items()},
                    method_cls.uses_teacher)
     bare_loop = (time.perf_counter() - started) * 1000 / args.steps
     loop_trainer = Trainer(cfg, accelerator, new_student(), method, run_dir, save_checkpoints=False, desc=method_name)
