@@ -308,3 +308,37 @@ def print_table(rows: list[dict], columns: Sequence[str], *, title: str | None =
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def loss_bench_args(doc: str, parse_size: Callable[[str], tuple], size_help: str, providers: Sequence[str],
+                    argv=None):
+    """The command line shared by the loss benchmarks: --sizes, --providers, --device, --quick, --out-dir."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=parse_size, help=f"{size_help} (default depends on the device)")
+    parser.add_argument("--providers", nargs="+", choices=providers, default=list(providers))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions, no torch.compile")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    return parser.parse_args(argv)
+
+
+def run_providers(names: Sequence[str], provider_fn: Callable, sizes: Sequence[tuple], measure_one: Callable,
+                  device: str, quick: bool) -> tuple[list[dict], list[dict]]:
+    """Measure every provider at every size; returns (rows, skipped rows with the reason).
+
+    ``provider_fn(name, device, quick) -> (loss_fn | None, reason)``;
+    ``measure_one(name, loss_fn, size) -> list[dict]``.
+    """
+    rows, skipped = [], []
+    for name in names:
+        loss_fn, reason = provider_fn(name, device, quick)
+        if loss_fn is None:
+            skipped.append(dict(provider=name, status=f"skipped: {reason}"))
+            continue
+        for size in sizes:
+            rows += measure_one(name, loss_fn, size)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows, skipped

@@ -41,7 +41,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import peak_extra_bytes, print_table, time_ms, write_results
+from benchmarks._harness import (
+    loss_bench_args,
+    peak_extra_bytes,
+    print_table,
+    run_providers,
+    time_ms,
+    write_results,
+)
 from kdengine.ops import _backends
 from kdengine.ops.kd_loss import kd_loss
 
@@ -206,31 +213,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", type=parse_size,
-                        help="N:V pairs (default depends on the device)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions, no torch.compile")
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    args = loss_bench_args(__doc__, parse_size, "N:V pairs", PROVIDERS, argv)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sizes = args.sizes or SIZES[device + ("-quick" if args.quick else "")]
     reps = (None, None) if device == "cuda" else ((1, 2) if args.quick else (1, 3))
-
-    rows, skipped = [], []
-    for name in args.providers:
-        loss_fn, reason = provider_fn(name, device, args.quick)
-        if loss_fn is None:
-            skipped.append(dict(provider=name, status=f"skipped: {reason}"))
-            continue
-        for n, v in sizes:
-            rows += measure(name, loss_fn, n, v, dtype, device, reps, memory=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    rows, skipped = run_providers(args.providers, provider_fn, sizes,
+                                  lambda name, fn, size: measure(name, fn, *size, dtype, device, reps, memory=True), device, args.quick)
     add_ratios(rows)
     print_table(rows, COLUMNS, title=f"kd_loss, forward KL T={TEMPERATURE}, {device}")
     for row in skipped:
