@@ -22,12 +22,13 @@ states) are aligned to the original input tokens: prompt positions are removed.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 from transformers.utils import ModelOutput
+
+from kdengine import compat
 
 from kdengine.ops.expert_batch_embed import (
     expert_batch_embed,
@@ -200,12 +201,10 @@ class PromptExperts(torch.nn.Module):
         )
 
     def _check_prefix_support(self) -> None:
-        base = self.model.base_model
-        if "past_key_values" not in inspect.signature(base.forward).parameters:
-            raise ValueError(
-                f"{type(base).__name__} ({self.model.config.model_type}) cannot take prefix "
-                "key/values (its forward has no past_key_values); use kind='prompt'"
-            )
+        try:
+            compat.cache_argument(self.model)
+        except ValueError as exc:
+            raise ValueError(f"{exc}, so it cannot take prefix key/values; use kind='prompt'") from None
 
     def _initial_prompts(self, init, tokenizer, weight, k, plen, width, generator) -> torch.Tensor:
         if self.kind == "prefix":
@@ -241,17 +240,15 @@ class PromptExperts(torch.nn.Module):
         P random vocabulary tokens (one draw per expert). Unlike N(0, 1) these are in the
         distribution the attention layers were trained on, so a fresh expert starts close to the
         backbone's own behaviour. Layout [K, P, layers·2·kv_heads·head_dim] as prefix_key_values."""
-        from transformers import DynamicCache  # noqa: PLC0415
-
         device = self.model.get_input_embeddings().weight.device
         ids = torch.randint(0, vocab, (k, plen), generator=generator).to(device)
-        cache = DynamicCache(config=self.model.config)
+        cache = compat.new_cache(self.model.config)
+        base = self.model.base_model
         was_training = self.model.training
         self.model.eval()
-        self.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                              use_cache=True)
+        base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **compat.cache_kwargs(base, cache))
         self.model.train(was_training)
-        layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.num_layers)]
+        layers = [compat.cache_layer(cache, i) for i in range(self.num_layers)]
         kv = torch.stack([t for pair in layers for t in pair])          # [2·layers, K, heads, P, dim]
         return kv.permute(1, 3, 0, 2, 4).reshape(k, plen, -1).float().cpu()
 
@@ -316,7 +313,7 @@ class PromptExperts(torch.nn.Module):
             or input_ids.dtype.is_floating_point
         ):
             raise ValueError("input_ids must be an integer tensor [B, L]")
-        for key in ("inputs_embeds", "labels", "past_key_values"):
+        for key in ("inputs_embeds", "labels", *compat.CACHE_NAMES):
             if key in model_kwargs:
                 raise ValueError(
                     f"{key} is not accepted by PromptExperts.forward: it builds the inputs itself "
@@ -428,9 +425,7 @@ class PromptExperts(torch.nn.Module):
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]
 
     def _prefix_cache(self, row_expert):
-        from transformers import DynamicCache  # noqa: PLC0415
-
-        cache = DynamicCache(config=self.model.config)
+        cache = compat.new_cache(self.model.config)
         for layer, (key, value) in enumerate(self.prefix_key_values(row_expert)):
             cache.update(key, value, layer)
         return cache
@@ -453,7 +448,7 @@ class PromptExperts(torch.nn.Module):
         out = self.model(
             input_ids=input_ids[row_example],
             attention_mask=mask,
-            past_key_values=self._prefix_cache(row_expert),
+            **compat.cache_kwargs(self.model, self._prefix_cache(row_expert)),
             **kwargs,
         )
         hidden = getattr(out, "hidden_states", None)

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import torch
 
+from kdengine import compat
+
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 LAYOUTS = ("auto", "packed", "batched")
 
@@ -224,7 +226,7 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
     # Phase 1: x once, no grad (x does not depend on the prompts); keep every layer's K/V.
     with torch.no_grad():
         out = base(input_ids=input_ids, attention_mask=x_mask.long(), use_cache=True)
-        cache = out.past_key_values
+        cache = compat.returned_cache(out)
         if any(getattr(cache, "is_sliding", ())):
             raise ValueError("sliding-window attention layers are not supported (the segment mask is full attention)")
         x_logits = None if last_only else project(lm_head, out.last_hidden_state)  # [B, Lx, V]
@@ -256,7 +258,7 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
         rows, row_len = batch, k * seg_len
     hidden_states = base(inputs_embeds=seg_embeds.reshape(rows, row_len, hidden),
                          position_ids=positions.reshape(rows, row_len), attention_mask=mask,
-                         past_key_values=cache, use_cache=True).last_hidden_state
+                         use_cache=True, **compat.cache_kwargs(base, cache)).last_hidden_state
     hidden_states = hidden_states.reshape(batch, k, seg_len, hidden)
 
     if last_only:

@@ -17,13 +17,13 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
-    DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
+from kdengine import compat
 from kdengine.experts import PromptExperts
 from tests.tolerances import assert_close
 
@@ -88,12 +88,13 @@ def hand_prompt(model, prompt, ids, mask, **kwargs):
 
 
 def hand_prefix(model, prefix, ids, mask):
-    """One expert by hand: prefix [P, layers·2·kv] viewed as per-layer key/values in a DynamicCache."""
+    """One expert by hand: prefix [P, layers·2·kv] viewed as per-layer key/values in a DynamicCache
+    (passed under the installed transformers' spelling, ``cache`` or ``past_key_values``)."""
     layers, kv_heads = model.config.num_hidden_layers, getattr(model.config, "num_key_value_heads", None)
     kv_heads = kv_heads or model.config.num_attention_heads
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     kv = prefix.view(P, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2·layers, heads, P, dim]
-    cache = DynamicCache(config=model.config)
+    cache = compat.new_cache(model.config)
     for i in range(layers):
         cache.update(
             kv[2 * i].expand(ids.shape[0], -1, -1, -1), kv[2 * i + 1].expand(ids.shape[0], -1, -1, -1), i
@@ -102,7 +103,7 @@ def hand_prefix(model, prefix, ids, mask):
     kwargs = {}
     if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
         kwargs["position_ids"] = torch.arange(ids.shape[1]).unsqueeze(0)  # encoder text keeps positions 0..L-1
-    return model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, **kwargs).logits
+    return model(input_ids=ids, attention_mask=full_mask, **compat.cache_kwargs(model, cache), **kwargs).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -185,7 +186,8 @@ def test_prefix_rejects_models_without_cache():
     model = DistilBertForSequenceClassification(
         DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=48)
     )
-    with pytest.raises(ValueError, match=r"DistilBertModel \(distilbert\) cannot take prefix.*kind='prompt'"):
+    with pytest.raises(ValueError, match=r"DistilBertForSequenceClassification \(distilbert\) cannot take a key/value "
+                                         r"cache.*cannot take prefix key/values; use kind='prompt'"):
         PromptExperts(model, K, P, kind="prefix")
     assert PromptExperts(model, K, P).num_experts == K
 
