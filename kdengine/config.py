@@ -32,6 +32,18 @@ RUN_CONTROL_KEYS = ("output_dir", "resume_from_checkpoint", "stages", "overwrite
                     "per_device_eval_batch_size", "save_steps", "save_strategy", "save_total_limit")
 
 
+# The embedded default (no data and no model options: the synthetic task with tiny, randomly
+# initialised models) trains from scratch and needs higher rates than the defaults for fine-tuning
+# pretrained models (transformers' 5e-5). Applied by parse_args to the options the user did not set.
+EMBEDDED_DEFAULTS = {"learning_rate": 1e-3, "teacher_learning_rate": 1e-3}
+_EMBEDDED_UNLESS = ("train_file", "dataset_name", "teacher_model_name_or_path", "model_name_or_path")
+
+
+def is_embedded(cfg) -> bool:
+    """Whether ``cfg`` runs the embedded default task (no data and no model options)."""
+    return not any(getattr(cfg, name) for name in _EMBEDDED_UNLESS)
+
+
 class ConfigError(ValueError):
     """A bad option (unknown key, wrong type, out of range)."""
 
@@ -48,7 +60,7 @@ class TrainConfig:
     output_dir: str = _opt("runs/kdengine-demo", "where the run writes its model, results, logs and checkpoints")
     overwrite_output_dir: bool = _opt(False, "allow a non-empty output_dir that holds a different run or "
                                              "unfinished checkpoints (its old outputs are replaced)")
-    learning_rate: float = _opt(1e-3, "peak AdamW learning rate of the student (linear decay after warmup)")
+    learning_rate: float = _opt(5e-5, "peak AdamW learning rate of the student (linear decay after warmup)")
     num_train_epochs: float = _opt(4.0, "student training epochs (ignored when max_steps > 0)")
     max_steps: int = _opt(-1, "student optimizer steps; > 0 overrides num_train_epochs")
     per_device_train_batch_size: int = _opt(32, "training batch size per process")
@@ -105,7 +117,11 @@ class TrainConfig:
     student_num_layers: int | None = _opt(None, "initialise the student from the task-trained teacher, keeping "
                                                 "this many evenly spaced layers (DistilBERT-style)")
     teacher_num_train_epochs: float = _opt(3.0, "epochs of the teacher fine-tuning stage")
-    teacher_learning_rate: float = _opt(1e-3, "learning rate of the teacher fine-tuning stage")
+    teacher_learning_rate: float = _opt(5e-5, "peak learning rate of the teacher fine-tuning stage (linear decay "
+                                              "after warmup)")
+    teacher_min_margin: float = _opt(0.01, "the fine-tuned teacher must beat the majority-class baseline on the "
+                                           "validation metric by this much, or the run stops before distilling "
+                                           "(a negative value disables the check)")
 
     # ---- PEE-KD (read by kdengine.methods.pee_kd) ----
     teacher_backbone: str = _opt("frozen", "PEE-KD: the teacher backbone while its prompt experts train",
@@ -307,13 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices = f.metadata.get("choices")
         meta = "{" + ",".join(choices) + "}" if choices else kind.__name__.upper()
         flag_only = dict(nargs="?", const="true") if kind is bool else {}
+        default = f"default: {getattr(defaults, name)!r}"
+        if name in EMBEDDED_DEFAULTS:
+            default += f"; {EMBEDDED_DEFAULTS[name]!r} on the embedded synthetic task"
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=meta, **flag_only,
-                            help=f"{f.metadata['help']} (default: {getattr(defaults, name)!r})")
+                            help=f"{f.metadata['help']} ({default})")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """defaults <- YAML (--config) <- flags; validated. ConfigError on any bad option."""
+    """defaults <- YAML (--config) <- flags; validated. ConfigError on any bad option.
+
+    On the embedded task (:func:`is_embedded`) the options of ``EMBEDDED_DEFAULTS`` that neither
+    the YAML nor a flag set take their embedded values."""
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     for token in unknown:
@@ -322,8 +344,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"unknown option --{key}{_suggest(key)}")
         raise ConfigError(f"unexpected argument {token!r} (options are --key value)")
     flags = {k: v for k, v in vars(namespace).items() if k != "config"}
-    cfg = TrainConfig()
+    cfg, given = TrainConfig(), set(flags)
     if namespace.config:
-        cfg = from_dict(load_yaml(namespace.config), cfg, source=namespace.config)
+        values = load_yaml(namespace.config)
+        cfg = from_dict(values, cfg, source=namespace.config)
+        given |= set(values)
     cfg = from_dict(flags, cfg, source="the command line")
+    if is_embedded(cfg):
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given})
     return validate(cfg)

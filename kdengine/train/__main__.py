@@ -123,7 +123,7 @@ def run(cfg: TrainConfig) -> dict:
     from kdengine.methods import get_method_class  # noqa: PLC0415
     from kdengine.train import checkpoint  # noqa: PLC0415
     from kdengine.train.reporting import finish_comparison  # noqa: PLC0415
-    from kdengine.train.teacher import prepare_teacher, teacher_dir, teacher_row  # noqa: PLC0415
+    from kdengine.train.teacher import TeacherFailedError, prepare_teacher, teacher_dir, teacher_row  # noqa: PLC0415
 
     from kdengine.train.trainer import cpu_only  # noqa: PLC0415
 
@@ -137,6 +137,7 @@ def run(cfg: TrainConfig) -> dict:
     except ImportError as exc:
         raise ValueError(f"method {cfg.method!r} is not available in this installation ({exc})") from None
     set_seed(cfg.seed)
+    fresh_output_dir = not os.path.isdir(cfg.output_dir) or not os.listdir(cfg.output_dir)
     if state.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as fh:
@@ -153,7 +154,12 @@ def run(cfg: TrainConfig) -> dict:
         if teacher_src is None:
             raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher_model_name_or_path")
         if "teacher" in stages:
-            teacher_path = prepare_teacher(cfg, inputs, teacher_src, needs_training=tiny, log=log)
+            try:
+                teacher_path = prepare_teacher(cfg, inputs, teacher_src, needs_training=tiny, log=log)
+            except TeacherFailedError:
+                if fresh_output_dir and state.is_main_process:  # this run made it: leave nothing behind
+                    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+                raise
         elif os.path.isdir(teacher_dir(cfg.output_dir)):
             teacher_path = teacher_dir(cfg.output_dir)
         elif tiny:

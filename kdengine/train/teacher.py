@@ -17,12 +17,58 @@ import shutil
 from accelerate.state import PartialState
 
 from kdengine import models
+from kdengine.metrics import compute_metrics
 from kdengine.methods.base import RunContext
 from kdengine.methods.baselines import NoKD
 from kdengine.train.reporting import read_json, write_results
 from kdengine.train.trainer import Trainer, make_accelerator, save_model
 
 TEACHER_DIR = "teacher"
+
+
+class TeacherFailedError(ValueError):
+    """The fine-tuned teacher is no better than always predicting one class."""
+
+
+def majority_baseline(cfg, inputs) -> tuple[float, str]:
+    """(best score, label) of a predictor that always outputs one label, on the validation split,
+    in the run's metric (``metric_for_best_model``): the level a teacher that learned nothing reaches."""
+    import numpy as np  # noqa: PLC0415
+
+    labels = [item["labels"] for item in inputs.eval_dataset]
+    if cfg.task == "token_classification":
+        width = max(len(row) for row in labels)
+        refs = np.array([row + [-100] * (width - len(row)) for row in labels])
+    else:
+        refs = np.array(labels)
+    metric = cfg.best_metric_name()
+    if metric == "loss":
+        return float("nan"), ""
+    scores = []
+    for label in range(len(inputs.label_names)):
+        predictions = np.where(refs == -100, 0, label)
+        scores.append(compute_metrics(cfg.task, predictions, refs, inputs.label_names)[metric])
+    best = int(np.argmax(scores))
+    return scores[best], inputs.label_names[best]
+
+
+def check_teacher(cfg, inputs, eval_results: dict) -> None:
+    """Stop the run (TeacherFailedError) when the teacher is within ``teacher_min_margin`` of the
+    majority-class baseline: distilling it would teach the student nothing."""
+    metric = cfg.best_metric_name()
+    if cfg.teacher_min_margin < 0 or metric == "loss":
+        return
+    baseline, label = majority_baseline(cfg, inputs)
+    score = eval_results[f"eval_{metric}"]
+    if score < baseline + cfg.teacher_min_margin:
+        raise TeacherFailedError(
+            f"the fine-tuned teacher did not learn the task: validation {metric} {score:.4f} is at the "
+            f"majority-class level ({baseline:.4f}, always predicting {label!r}; teacher_min_margin "
+            f"{cfg.teacher_min_margin}) after {cfg.teacher_num_train_epochs} epochs at teacher_learning_rate "
+            f"{cfg.teacher_learning_rate}. The usual cause is a learning rate far from what the model needs "
+            f"(pretrained models: about 5e-5; models trained from scratch: about 1e-3) or too few epochs: set "
+            f"--teacher_learning_rate / --teacher_num_train_epochs (or --teacher_min_margin -1 to distil "
+            f"anyway). Nothing was kept of the teacher stage.")
 
 
 def teacher_dir(output_dir: str) -> str:
@@ -67,6 +113,14 @@ def prepare_teacher(cfg, inputs, source: str, *, needs_training: bool = False, l
                       desc="teacher")
     train_results = trainer.train()
     eval_results = trainer.evaluate()
+    try:
+        check_teacher(cfg, inputs, eval_results)
+    except TeacherFailedError:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     save_model(accelerator, trainer.model, inputs.tokenizer, tmp)
     if accelerator.is_main_process:
         write_results(tmp, "train", train_results)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from kdengine.config import FIELDS, ConfigError, TrainConfig, parse_args
+from kdengine.config import EMBEDDED_DEFAULTS, FIELDS, ConfigError, TrainConfig, parse_args
 from kdengine.train.__main__ import main
 
 
@@ -14,14 +14,15 @@ def test_help_lists_every_option_with_its_default(capsys):
     for name in FIELDS:
         assert f"--{name}" in out, name
     assert "(default: 'pee_kd')" in out
-    assert "(default: 0.001)" in out          # learning_rate
+    assert "(default: 5e-05; 0.001 on the embedded synthetic task)" in out          # learning_rate
     assert "(default: 4.0)" in out            # kd_temperature
     assert "--config" in out
 
 
 def test_defaults_are_the_embedded_pee_kd_run():
     cfg = parse_args([])
-    assert cfg == TrainConfig()
+    assert cfg == dataclasses.replace(TrainConfig(), **EMBEDDED_DEFAULTS)
+    assert (cfg.learning_rate, cfg.teacher_learning_rate) == (1e-3, 1e-3)
     assert (cfg.method, cfg.compare_baselines, cfg.train_file, cfg.teacher_model_name_or_path) == \
         ("pee_kd", True, None, None)
     assert (cfg.kd_divergence, cfg.kd_temperature, cfg.num_experts) == ("forward_kl", 4.0, 4)
@@ -35,8 +36,20 @@ def test_yaml_replaces_defaults_and_flags_override_yaml(tmp_path):
     assert cfg.method == "vanilla_kd"
     assert cfg.seed == 9                       # flag over YAML
     assert cfg.teacher_top_k is None and cfg.bf16 is False
-    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
+    embedded = dataclasses.replace(TrainConfig(), **EMBEDDED_DEFAULTS)
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(embedded, f.name)}
     assert changed == {"learning_rate", "seed", "method"}
+
+
+def test_real_models_get_the_fine_tuning_defaults_and_explicit_rates_win(tmp_path):
+    real = parse_args(["--teacher_model_name_or_path", "some/model", "--student_num_layers", "2"])
+    assert (real.learning_rate, real.teacher_learning_rate, real.warmup_ratio) == (5e-5, 5e-5, 0.1)
+    assert real.expert_learning_rate > 1e-3          # prompt experts keep their own, higher rate
+    assert parse_args(["--learning_rate", "2e-4"]).learning_rate == 2e-4          # embedded task, explicit flag
+    assert parse_args(["--learning_rate", "2e-4"]).teacher_learning_rate == 1e-3
+    path = tmp_path / "run.yaml"
+    path.write_text("teacher_learning_rate: 3.0e-4\n")
+    assert parse_args(["--config", str(path)]).teacher_learning_rate == 3e-4     # explicit in YAML
 
 
 def test_bool_flag_without_value_and_resume_spellings():

@@ -139,3 +139,43 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3; last good checkpoint: .*checkpoint-2\b"):
         Trainer(cfg, accelerator, model, method, str(out)).train()
     assert not os.path.exists(out / "checkpoint-4")
+
+
+def test_a_teacher_at_the_majority_class_level_stops_the_run_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = small_args(out, method="vanilla_kd", teacher_learning_rate=1e-9, synthetic_num_validation=200,
+                       teacher_min_margin=0.01)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "the fine-tuned teacher did not learn the task: validation accuracy" in err
+    assert "at the majority-class level" in err and "--teacher_learning_rate" in err
+    assert not out.exists()
+
+
+def test_a_failed_teacher_in_an_existing_output_dir_removes_only_its_own_stage(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    flags = small_args(out, method="vanilla_kd", teacher_learning_rate=1e-9, synthetic_num_validation=200,
+                       teacher_min_margin=0.01)
+    assert main(flags) == 2
+    assert "did not learn the task" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "teacher").exists() and not (out / ".tmp-teacher").exists()
+
+
+def test_majority_baseline_matches_a_constant_predictor():
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from kdengine.train.teacher import majority_baseline  # noqa: PLC0415
+
+    cfg = TrainConfig(task="sequence_classification")
+    inputs = SimpleNamespace(eval_dataset=[{"labels": label} for label in (0, 1, 1, 2, 1, 0, -100)],
+                             label_names=["a", "b", "c"])
+    assert majority_baseline(cfg, inputs) == (0.5, "b")
+    ner = TrainConfig(task="token_classification")
+    tags = SimpleNamespace(eval_dataset=[{"labels": [-100, 0, 1, 0]}, {"labels": [0, 0, -100]}],
+                           label_names=["O", "B-PER", "I-PER"])
+    score, label = majority_baseline(ner, tags)
+    # Always "O" finds no entity (F1 0); always "B-PER" predicts 5 entities, 1 of them right: F1 = 1/3.
+    assert label == "B-PER" and score == pytest.approx(1 / 3)
