@@ -27,13 +27,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdengine-installed
 PIP := -m pip --disable-pip-version-check
 VENV_FLAGS := $(if $(filter 1,$(SYSTEM_SITE_PACKAGES)),--system-site-packages)
+SEES_SYSTEM := $(if $(filter 1,$(SYSTEM_SITE_PACKAGES)),true,false)
 
 .PHONY: demo test test-latest constraints fresh-check install bench clean
 
 # $(call setup_venv,DIR,CONSTRAINTS_OR_EMPTY,EXTRA_PIP_FLAGS): venv, pip, torch, dependencies, kdengine.
+# A venv made with the other SYSTEM_SITE_PACKAGES setting (or an older Makefile) is made anew.
 # DIR/pins.txt = the installed torch (exact) + the constraints; without constraints (test-latest)
 # only torch is pinned and every other package takes its newest release.
 define setup_venv
+	grep -qx "include-system-site-packages = $(SEES_SYSTEM)" $(1)/pyvenv.cfg 2>/dev/null || rm -rf $(1)
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(VENV_FLAGS) $(1)
 	$(1)/bin/python $(PIP) install -q $(3) $(if $(2),-c $(2)) pip setuptools wheel
 	$(1)/bin/python -c "import torch" 2>/dev/null || \

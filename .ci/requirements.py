@@ -8,11 +8,7 @@ sdist, like seqeval, gets its own build requirements), then the project itself w
 """
 
 import sys
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: pip vendors the same parser
-    from pip._vendor import tomli as tomllib
+import tomllib
 
 with open("pyproject.toml", "rb") as fh:
     project = tomllib.load(fh)["project"]
