@@ -69,9 +69,9 @@ kdengine::KDLossOptions loss_options(int64_t divergence, double temperature, dou
   return o;
 }
 
-// labels [N] int64 and row_weights [N] fp32 (both optional, contiguous), grad_scale 0-d fp32.
+// labels [N] int64 and row_weights [N] fp32 (both optional, contiguous).
 void check_row_inputs(const Tensor& ref, int64_t n_rows, const optional<Tensor>& labels,
-                      const optional<Tensor>& row_weights, const Tensor& grad_scale) {
+                      const optional<Tensor>& row_weights) {
   if (labels) {
     CHECK_SAME_DEVICE(*labels, ref);
     CHECK_DTYPE(*labels, at::kLong);
@@ -86,6 +86,10 @@ void check_row_inputs(const Tensor& ref, int64_t n_rows, const optional<Tensor>&
     TORCH_CHECK_VALUE(row_weights->dim() == 1 && row_weights->size(0) == n_rows,
                       "row_weights must have shape [", n_rows, "], got ", row_weights->sizes());
   }
+}
+
+// grad_scale 0-d fp32 on ref's device.
+void check_grad_scale(const Tensor& ref, const Tensor& grad_scale) {
   CHECK_SAME_DEVICE(grad_scale, ref);
   CHECK_DTYPE(grad_scale, at::kFloat);
   TORCH_CHECK_VALUE(grad_scale.numel() == 1, "grad_scale must be a 0-d tensor, got shape ", grad_scale.sizes());
@@ -127,11 +131,12 @@ kdengine::FusionArgs fusion_args(const Tensor& experts, int64_t weighting, int64
   return f;
 }
 
-std::tuple<Tensor, optional<Tensor>, optional<Tensor>> kd_loss_forward(
-    const Tensor& student, const Tensor& teacher, const optional<Tensor>& labels,
-    const optional<Tensor>& row_weights, const Tensor& grad_scale, int64_t divergence, double temperature,
-    double jsd_beta, double kd_scale, double hard_weight, int64_t ignore_index, bool need_grad_student,
-    bool need_grad_teacher, int64_t stream) {
+// student / teacher [N, V] CUDA logits of one dtype, unit column stride; the kd_loss launcher
+// arguments every mode shares.
+kdengine::KDLossRowsArgs kd_loss_args(const Tensor& student, const Tensor& teacher, const optional<Tensor>& labels,
+                                      const optional<Tensor>& row_weights, int64_t divergence, double temperature,
+                                      double jsd_beta, double kd_scale, double hard_weight, int64_t ignore_index,
+                                      int* dtype) {
   CHECK_CUDA(student);
   CHECK_SAME_DEVICE(teacher, student);
   CHECK_DIM(student, 2);
@@ -141,16 +146,11 @@ std::tuple<Tensor, optional<Tensor>, optional<Tensor>> kd_loss_forward(
                     student.scalar_type(), " and ", teacher.scalar_type());
   CHECK_COLUMNS(student);
   CHECK_COLUMNS(teacher);
-  const int dtype = dtype_code(student, "student");
+  *dtype = dtype_code(student, "student");
   const int64_t N = student.size(0), V = student.size(1);
   check_rows(N);
   TORCH_CHECK_VALUE(V >= 1 || N == 0, "the vocabulary must not be empty");
-  check_row_inputs(student, N, labels, row_weights, grad_scale);
-
-  Tensor row_loss = at::empty({N}, student.options().dtype(at::kFloat));
-  optional<Tensor> grad_s, grad_t;
-  if (need_grad_student) grad_s = at::empty({N, V}, student.options());
-  if (need_grad_teacher) grad_t = at::empty({N, V}, teacher.options());
+  check_row_inputs(student, N, labels, row_weights);
   kdengine::KDLossRowsArgs a{};
   a.student = student.data_ptr();
   a.student_row_stride = student.stride(0);
@@ -158,15 +158,59 @@ std::tuple<Tensor, optional<Tensor>, optional<Tensor>> kd_loss_forward(
   a.teacher_row_stride = teacher.stride(0);
   a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
   a.row_weights = row_weights ? row_weights->data_ptr<float>() : nullptr;
-  a.grad_scale = grad_scale.data_ptr<float>();
-  a.row_loss = row_loss.data_ptr<float>();
-  a.grad_student = grad_s ? grad_s->data_ptr() : nullptr;
-  a.grad_teacher = grad_t ? grad_t->data_ptr() : nullptr;
   a.n_rows = N;
   a.vocab = V;
   a.options = loss_options(divergence, temperature, jsd_beta, kd_scale, hard_weight, ignore_index);
-  CHECK_LAUNCH(kdengine_kd_loss_rows(&a, dtype, as_stream(stream)), "kd_loss");
-  return {row_loss, grad_s, grad_t};
+  return a;
+}
+
+std::tuple<Tensor, Tensor> kd_loss_forward(const Tensor& student, const Tensor& teacher,
+                                           const optional<Tensor>& labels, const optional<Tensor>& row_weights,
+                                           int64_t divergence, double temperature, double jsd_beta, double kd_scale,
+                                           double hard_weight, int64_t ignore_index, int64_t stream) {
+  int dtype = 0;
+  kdengine::KDLossRowsArgs a = kd_loss_args(student, teacher, labels, row_weights, divergence, temperature,
+                                            jsd_beta, kd_scale, hard_weight, ignore_index, &dtype);
+  Tensor row_loss = at::empty({a.n_rows}, student.options().dtype(at::kFloat));
+  Tensor stats = at::zeros({a.n_rows, kdengine::kRowStats}, student.options().dtype(at::kFloat));
+  a.mode = kdengine::kForwardStats;
+  a.stats = stats.data_ptr<float>();
+  a.row_loss = row_loss.data_ptr<float>();
+  CHECK_LAUNCH(kdengine_kd_loss_rows(&a, dtype, as_stream(stream)), "kd_loss forward");
+  return {row_loss, stats};
+}
+
+std::tuple<optional<Tensor>, optional<Tensor>> kd_loss_backward(
+    const Tensor& student, const Tensor& teacher, const optional<Tensor>& labels,
+    const optional<Tensor>& row_weights, const Tensor& stats, const Tensor& scale, int64_t divergence,
+    double temperature, double jsd_beta, double kd_scale, double hard_weight, int64_t ignore_index,
+    bool need_grad_student, bool need_grad_teacher, int64_t stream) {
+  int dtype = 0;
+  kdengine::KDLossRowsArgs a = kd_loss_args(student, teacher, labels, row_weights, divergence, temperature,
+                                            jsd_beta, kd_scale, hard_weight, ignore_index, &dtype);
+  const int64_t N = a.n_rows, V = a.vocab;
+  CHECK_SAME_DEVICE(stats, student);
+  CHECK_DTYPE(stats, at::kFloat);
+  CHECK_CONTIGUOUS(stats);
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == kdengine::kRowStats,
+                    "stats must have shape [", N, ", ", kdengine::kRowStats, "], got ", stats.sizes());
+  CHECK_SAME_DEVICE(scale, student);
+  CHECK_DTYPE(scale, at::kFloat);
+  CHECK_CONTIGUOUS(scale);
+  TORCH_CHECK_VALUE(scale.numel() == 1 || (scale.dim() == 1 && scale.size(0) == N),
+                    "scale must be 0-d or have shape [", N, "], got ", scale.sizes());
+  optional<Tensor> grad_s, grad_t;
+  if (need_grad_student) grad_s = at::empty({N, V}, student.options());
+  if (need_grad_teacher) grad_t = at::empty({N, V}, teacher.options());
+  if (!need_grad_student && !need_grad_teacher) return {grad_s, grad_t};
+  a.mode = kdengine::kBackwardFromStats;
+  a.stats = stats.data_ptr<float>();
+  a.grad_scale = scale.data_ptr<float>();
+  a.grad_scale_stride = scale.dim() == 1 ? 1 : 0;
+  a.grad_student = grad_s ? grad_s->data_ptr() : nullptr;
+  a.grad_teacher = grad_t ? grad_t->data_ptr() : nullptr;
+  CHECK_LAUNCH(kdengine_kd_loss_rows(&a, dtype, as_stream(stream)), "kd_loss backward");
+  return {grad_s, grad_t};
 }
 
 std::tuple<Tensor, Tensor, Tensor> fuse_experts_forward(const Tensor& experts, double temperature,
@@ -210,7 +254,8 @@ std::tuple<Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>> fused_exp
   const int dtype = dtype_code(student, "student");
   check_rows(N);
   TORCH_CHECK_VALUE(V >= 1 || N == 0, "the vocabulary must not be empty");
-  check_row_inputs(student, N, labels, row_weights, grad_scale);
+  check_row_inputs(student, N, labels, row_weights);
+  check_grad_scale(student, grad_scale);
 
   const auto f32 = student.options().dtype(at::kFloat);
   Tensor row_loss = at::empty({N}, f32), alpha = at::empty({N, K}, f32), entropy = at::empty({N, K}, f32);
@@ -369,11 +414,14 @@ std::tuple<Tensor, optional<Tensor>> expert_batch_embed_backward(
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kdengine CUDA kernels (csrc/); called through kdengine.ops._cuda";
-  m.def("kd_loss_forward", &kd_loss_forward, "kd_loss rows: (row_loss, grad_student, grad_teacher)",
-        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("row_weights"), py::arg("grad_scale"),
-        py::arg("divergence"), py::arg("temperature"), py::arg("jsd_beta"), py::arg("kd_scale"),
-        py::arg("hard_weight"), py::arg("ignore_index"), py::arg("need_grad_student"),
-        py::arg("need_grad_teacher"), py::arg("stream"));
+  m.def("kd_loss_forward", &kd_loss_forward, "kd_loss forward: (row_loss, stats)", py::arg("student"),
+        py::arg("teacher"), py::arg("labels"), py::arg("row_weights"), py::arg("divergence"), py::arg("temperature"),
+        py::arg("jsd_beta"), py::arg("kd_scale"), py::arg("hard_weight"), py::arg("ignore_index"), py::arg("stream"));
+  m.def("kd_loss_backward", &kd_loss_backward, "kd_loss backward: (grad_student, grad_teacher)",
+        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("row_weights"), py::arg("stats"),
+        py::arg("scale"), py::arg("divergence"), py::arg("temperature"), py::arg("jsd_beta"), py::arg("kd_scale"),
+        py::arg("hard_weight"), py::arg("ignore_index"), py::arg("need_grad_student"), py::arg("need_grad_teacher"),
+        py::arg("stream"));
   m.def("fuse_experts_forward", &fuse_experts_forward, "fused teacher: (log_probs, alpha, entropy)",
         py::arg("experts"), py::arg("temperature"), py::arg("weighting"), py::arg("space"), py::arg("sharpness"),
         py::arg("weights"), py::arg("stream"));

@@ -42,8 +42,23 @@ struct KDLossOptions {
   int64_t ignore_index;   // rows whose label equals it contribute 0
 };
 
-// Row losses and gradients of kd_loss. Inputs [N, V] with unit column stride; gradients are
-// written contiguous [N, V] in the input dtype and are the gradients of Σ row_loss · grad_scale.
+// How the row driver kd_loss_row runs (one launch each).
+enum RowMode : int {
+  kGradInForward = 0,      // fused experts: row loss and the gradients of Σ row_loss · grad_scale
+  kForwardStats = 1,       // kd_loss forward: row loss and the row statistics, no gradient
+  kBackwardFromStats = 2,  // kd_loss backward: one pass writing the gradients from the statistics
+};
+
+// Divergence row sums (see divergence_terms) and the per-row statistics of kd_loss: the student's
+// log-sum-exp at T (m, log d), its log-sum-exp at T = 1 (hard label), the teacher's (m, log d),
+// then the sums.
+constexpr int kSums = 8;
+constexpr int kRowStats = 5 + kSums;
+
+// kd_loss, recompute-in-backward. Inputs [N, V] with unit column stride. The forward
+// (mode kForwardStats) writes row_loss and stats; the backward (kBackwardFromStats) reads the
+// logits and stats again and writes contiguous [N, V] gradients in the input dtype: those of
+// Σ_n grad_scale[n · grad_scale_stride] · row_loss[n], computed in fp32 and rounded once.
 struct KDLossRowsArgs {
   const void* student;        // [N, V] logits
   int64_t student_row_stride;
@@ -51,10 +66,13 @@ struct KDLossRowsArgs {
   int64_t teacher_row_stride;
   const int64_t* labels;      // [N] or nullptr
   const float* row_weights;   // [N] or nullptr
-  const float* grad_scale;    // 0-d, read on the device (no host sync)
-  float* row_loss;            // [N] out
-  void* grad_student;         // [N, V] out or nullptr
-  void* grad_teacher;         // [N, V] out or nullptr
+  int mode;                   // RowMode: kForwardStats or kBackwardFromStats
+  float* stats;               // [N, kRowStats] fp32: written by the forward, read by the backward
+  const float* grad_scale;    // backward: dL/d(row_loss), read on the device (no host sync)
+  int64_t grad_scale_stride;  // 0 (one value for every row) or 1 ([N])
+  float* row_loss;            // [N] out (forward)
+  void* grad_student;         // [N, V] out or nullptr (backward)
+  void* grad_teacher;         // [N, V] out or nullptr (backward)
   int64_t n_rows;
   int64_t vocab;
   KDLossOptions options;
@@ -402,6 +420,16 @@ __device__ __forceinline__ void entropy_push(float& m, float& d, float& w, float
   }
 }
 
+// A log-sum-exp kept as the running max m and log d, d = Σ exp(u − m): a log-probability is
+// (u − m) − log d. Summing m + log d first would round it to the fp32 spacing at |u| (~2e-6 at
+// |u| = 20), which is the whole log-probability of the top column of a peaked row; a divergence
+// of ~1e-6 between two peaked rows would be lost in it.
+struct LogSumExp {
+  float m, log_d;  // no initialisers: it lives in __shared__ structs
+  __device__ __forceinline__ float log_prob(float u) const { return (u - m) - log_d; }
+  __device__ __forceinline__ float value() const { return m + log_d; }
+};
+
 // log(exp(a) + exp(b)); −inf when both are −inf.
 __device__ __forceinline__ float logaddexp(float a, float b) {
   const float m = fmaxf(a, b);
@@ -413,7 +441,13 @@ __device__ __forceinline__ float logaddexp(float a, float b) {
 // The divergence math, per column (kdengine/reference/kd_loss.py). lq = log q, lp = log p at
 // temperature T; s, t the raw logits (mse only). Row sums (pass 2): sums[0] = D, and for
 //   jsd: sums[1] = Σ q G, sums[2] = Σ p F   (G = (1−β)(lq − lm), F = β(lp − lm), D = Σ qG + Σ pF)
-//   tvd: sums[1] = Σ q g, sums[2] = Σ p g   (g = ½ sign(p − q))
+//   tvd: the two sides of the row summed apart, g = ½ sign(p − q) (the TVD fix):
+//        sums[0] = D₊ = Σ_{p>q} (p − q), sums[1] = D₋ = Σ_{p<q} (q − p),
+//        sums[2..4] = Σ p over p > q, p < q, p = q;  sums[5..7] = Σ q likewise.
+//        In a peaked row Σ q g ≈ −½ + δ (δ ~ 1e-6) and q (Σ q g − g) cancels in fp32; with the
+//        split sums, g − Σ w g (w = p or q, Σ w = 1) is a sum of positive terms (tvd_centered).
+//        D₊ = D₋ exactly; finish_sums keeps the side with the smaller mass (1 − 1 of a peaked
+//        column never enters D).
 //   mse: sums[2] = Σ (s − t) over finite columns
 // Zero-probability columns contribute 0 (0·log 0 = 0).
 // ---------------------------------------------------------------------------------------------
@@ -428,7 +462,7 @@ struct Column {
 };
 
 template <int KIND>
-__device__ __forceinline__ void divergence_terms(const Column& c, const DivergenceConsts& k, float (&sums)[3]) {
+__device__ __forceinline__ void divergence_terms(const Column& c, const DivergenceConsts& k, float (&sums)[kSums]) {
   if constexpr (KIND == kMSE) {
     const float diff = (isfinite(c.s) && isfinite(c.t)) ? c.s - c.t : 0.f;
     sums[0] += diff * diff * k.inv_vocab;
@@ -446,13 +480,36 @@ __device__ __forceinline__ void divergence_terms(const Column& c, const Divergen
     sums[0] += qg + pf;
     sums[1] += qg;
     sums[2] += pf;
-  } else {  // tvd
+  } else {  // tvd, compared in log space (same sign as p − q, no exp rounding)
     const float p = __expf(c.lp), q = __expf(c.lq);
-    const float g = p > q ? 0.5f : (p < q ? -0.5f : 0.f);
-    sums[0] += 0.5f * fabsf(p - q);
-    sums[1] += q * g;
-    sums[2] += p * g;
+    if (c.lp > c.lq) {
+      sums[0] += p - q;
+      sums[2] += p;
+      sums[5] += q;
+    } else if (c.lp < c.lq) {
+      sums[1] += q - p;
+      sums[3] += p;
+      sums[6] += q;
+    } else {
+      sums[4] += p;
+      sums[7] += q;
+    }
   }
+}
+
+// After the block reduction: tvd's D is the side of the smaller mass (Σ_{p>q} p vs Σ_{p<q} q).
+template <int KIND>
+__device__ __forceinline__ void finish_sums(float (&sums)[kSums]) {
+  if constexpr (KIND == kTVD) sums[0] = sums[2] <= sums[6] ? sums[0] : sums[1];
+}
+
+// tvd: ½ sign(p − q) of a column.
+__device__ __forceinline__ float tvd_sign(const Column& c) { return c.lp > c.lq ? 0.5f : (c.lp < c.lq ? -0.5f : 0.f); }
+
+// g − Σ w g for a distribution w from its sums split by the sign of g (w₊, w₋, w₀): positive terms
+// only, so nothing cancels.
+__device__ __forceinline__ float tvd_centered(float g, float w_plus, float w_minus, float w_zero) {
+  return g > 0.f ? w_minus + 0.5f * w_zero : (g < 0.f ? -(w_plus + 0.5f * w_zero) : 0.5f * (w_minus - w_plus));
 }
 
 // Whether the gradients asked for need the row sums of pass 2 (else they are written in pass 2).
@@ -464,7 +521,7 @@ __host__ __device__ constexpr bool grads_need_sums(int kind, bool grad_student, 
 // dD/du_s (u = student / T), or dD/ds for mse.
 template <int KIND>
 __device__ __forceinline__ float divergence_grad_student(const Column& c, const DivergenceConsts& k,
-                                                         const float (&sums)[3]) {
+                                                         const float (&sums)[kSums]) {
   if constexpr (KIND == kMSE) {
     const float diff = (isfinite(c.s) && isfinite(c.t)) ? c.s - c.t : 0.f;
     return 2.f * diff * k.inv_vocab;
@@ -477,16 +534,14 @@ __device__ __forceinline__ float divergence_grad_student(const Column& c, const 
     const float lm = logaddexp(c.lp + k.log_beta, c.lq + k.log_1m_beta);
     return __expf(c.lq) * ((1.f - k.beta) * (c.lq - lm) - sums[1]);  // q (G − Σ q G)
   } else {
-    const float p = __expf(c.lp), q = __expf(c.lq);
-    const float g = p > q ? 0.5f : (p < q ? -0.5f : 0.f);
-    return q * (sums[1] - g);  // q (Σ q g − g)
+    return -__expf(c.lq) * tvd_centered(tvd_sign(c), sums[5], sums[6], sums[7]);  // q (Σ q g − g)
   }
 }
 
 // dD/du_t (u = teacher / T), or dD/dt for mse.
 template <int KIND>
 __device__ __forceinline__ float divergence_grad_teacher(const Column& c, const DivergenceConsts& k,
-                                                         const float (&sums)[3]) {
+                                                         const float (&sums)[kSums]) {
   if constexpr (KIND == kMSE) {
     const float diff = (isfinite(c.s) && isfinite(c.t)) ? c.s - c.t : 0.f;
     return -2.f * diff * k.inv_vocab;
@@ -501,9 +556,7 @@ __device__ __forceinline__ float divergence_grad_teacher(const Column& c, const 
     const float lm = logaddexp(c.lp + k.log_beta, c.lq + k.log_1m_beta);
     return __expf(c.lp) * (k.beta * (c.lp - lm) - sums[2]);  // p (F − Σ p F)
   } else {
-    const float p = __expf(c.lp), q = __expf(c.lq);
-    const float g = p > q ? 0.5f : (p < q ? -0.5f : 0.f);
-    return p * (g - sums[2]);  // p (g − Σ p g)
+    return __expf(c.lp) * tvd_centered(tvd_sign(c), sums[2], sums[3], sums[4]);  // p (g − Σ p g)
   }
 }
 
@@ -518,18 +571,24 @@ inline DivergenceConsts divergence_consts(const KDLossOptions& o, int64_t vocab)
 }
 
 // ---------------------------------------------------------------------------------------------
-// One row of the distillation loss, run by a whole thread block (the "rows primitive" of
-// kdengine/ops/kd_loss.py). The teacher side is a policy so that the same driver serves plain
-// teacher logits (kd_loss.cu) and a fusion of K experts (fuse_experts.cu). A Teacher provides:
+// One row of the distillation loss, run by a whole thread block (kdengine/ops/kd_loss.py). The
+// teacher side is a policy so that the same driver serves plain teacher logits (kd_loss.cu) and a
+// fusion of K experts (fuse_experts.cu). MODE (RowMode) picks what one launch does:
+//   kGradInForward      loss + gradients of Σ row_loss · grad_scale (fused experts)
+//   kForwardStats       loss + the row statistics (kd_loss forward)
+//   kBackwardFromStats  gradients of Σ grad_scale · row_loss from the statistics, one pass
+// A Teacher provides:
 //   bool wants_grad;                                      gradient w.r.t. the teacher asked for
 //   bool grad_needs_sums;                                 its gradient needs the final row sums
-//   static constexpr int grad_stages;                     1, or 2 when its gradient needs a row
-//                                                         sum of the first stage (prob fusion)
+//   static constexpr int grad_stages;                     (kGradInForward) 1, or 2 when its gradient
+//                                                         needs a row sum of the first stage
 //   void zero_grads();                                    ignored row: zero its gradients
 //   void prepare();                                       block-wide teacher statistics
 //   void columns(start, float (&lp)[N], float (&t)[N]);   log p at T and the teacher logits t
-//   void grad_columns(stage, start, lp, g, sums);         g = dL/dt of the chunk (row scale in)
-//   void between_stages();                                block-wide, after stage 0
+//   void grad_columns(stage, start, lq, lp, g, sums);     g = dL/dt of the chunk (row scale in)
+//   void between_stages();                                (kGradInForward) block-wide, after stage 0
+// and, for kForwardStats / kBackwardFromStats, void save(float*) / void restore(const float*): its
+// two statistics (the teacher's LogSumExp) as kept in the row statistics.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct KDRow {
@@ -541,82 +600,109 @@ struct KDRow {
   bool has_label;
   int64_t label;
   float row_weight;
-  float grad_scale;
-  float* row_loss;           // &row_loss[n]
+  float grad_scale;          // dL/d(row_loss) (kBackwardFromStats) or d(reduced)/d(Σ row_loss)
+  float* row_loss;           // &row_loss[n] (not written by kBackwardFromStats)
+  float* stats;              // &stats[n, 0] (kForwardStats / kBackwardFromStats)
 };
 
-template <typename T, int KIND, typename Teacher>
+// The hard-label target of a row: −1 without one; CE = lse − s[label] is NaN (and so is the
+// student gradient) for a label outside [0, V) that is not ignore_index: never a finite loss.
+template <typename T>
+__device__ __forceinline__ float hard_label_ce(const KDRow<T>& r, float lse_hard, bool hard, int64_t& label,
+                                               bool& bad_label) {
+  label = -1;
+  bad_label = false;
+  if (!hard) return 0.f;
+  if (r.label >= 0 && r.label < r.vocab) {
+    label = r.label;
+    return lse_hard - to_float(r.student[label]);
+  }
+  bad_label = true;
+  return NAN;
+}
+
+template <typename T, int KIND, int MODE, typename Teacher>
 __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
   constexpr int N = Vec<T>::n;
   const int64_t V = r.vocab;
   const KDLossOptions& o = r.options;
   if (r.has_label && r.label == o.ignore_index) {
-    if (r.grad_student != nullptr) zero_row(r.grad_student, V);
-    teacher.zero_grads();
-    if (threadIdx.x == 0) *r.row_loss = 0.f;
+    if constexpr (MODE != kForwardStats) {
+      if (r.grad_student != nullptr) zero_row(r.grad_student, V);
+      teacher.zero_grads();
+    }
+    if constexpr (MODE != kBackwardFromStats) {
+      if (threadIdx.x == 0) *r.row_loss = 0.f;
+    }
     return;
   }
-  teacher.prepare();
 
   const float inv_t = 1.f / o.temperature;
   const bool hard = r.has_label && o.hard_weight != 0.f;
   // At T = 1 the hard-label log-sum-exp is the student's one.
   const bool hard_shares_lse = KIND != kMSE && o.temperature == 1.f;
   const bool vec_s = aligned16(r.student);
-
-  // Pass 1: student log-sum-exp at T (st[0..1]) and at T = 1 for the hard label (st[2..3]).
-  float st[4] = {kNegInf, 0.f, kNegInf, 0.f};
-  if (KIND != kMSE || hard) {
-    for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
-      float s[N];
-      load_chunk<T, N>(r.student, c * N, V, vec_s, s);
+  LogSumExp lse_q{0.f, 0.f};  // unused by mse
+  float lse_hard;
+  float sums[kSums];
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        if (KIND != kMSE) softmax_push(st[0], st[1], s[k] * inv_t);
-        if (hard && !hard_shares_lse) softmax_push(st[2], st[3], s[k]);
+  for (int i = 0; i < kSums; ++i) sums[i] = 0.f;
+  if constexpr (MODE == kBackwardFromStats) {
+    lse_q = LogSumExp{r.stats[0], r.stats[1]};
+    lse_hard = r.stats[2];
+    teacher.restore(r.stats + 3);
+#pragma unroll
+    for (int i = 0; i < kSums; ++i) sums[i] = r.stats[5 + i];
+  } else {
+    teacher.prepare();
+    // Pass 1: student log-sum-exp at T (st[0..1]) and at T = 1 for the hard label (st[2..3]).
+    float st[4] = {kNegInf, 0.f, kNegInf, 0.f};
+    if (KIND != kMSE || hard) {
+      for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
+        float s[N];
+        load_chunk<T, N>(r.student, c * N, V, vec_s, s);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          if (KIND != kMSE) softmax_push(st[0], st[1], s[k] * inv_t);
+          if (hard && !hard_shares_lse) softmax_push(st[2], st[3], s[k]);
+        }
       }
+      block_allreduce(st, SoftmaxMergeOp());
     }
-    block_allreduce(st, SoftmaxMergeOp());
+    if (KIND != kMSE) lse_q = LogSumExp{st[0], logf(st[1])};
+    lse_hard = hard_shares_lse ? lse_q.value() : st[2] + logf(st[3]);
   }
-  const float lse_q = KIND != kMSE ? st[0] + logf(st[1]) : 0.f;
-  const float lse_hard = hard_shares_lse ? lse_q : st[2] + logf(st[3]);
-  // CE = lse − s[label]; a label outside [0, V) makes the row loss NaN (no host-side check).
-  int64_t label = -1;
-  float ce = 0.f;
-  if (hard) {
-    if (r.label >= 0 && r.label < V) {
-      label = r.label;
-      ce = lse_hard - to_float(r.student[label]);
-    } else {
-      ce = NAN;
-    }
-  }
+  int64_t label;
+  bool bad_label;
+  const float ce = hard_label_ce(r, lse_hard, hard, label, bad_label);
 
-  const bool need_gs = r.grad_student != nullptr, need_gt = teacher.wants_grad;
+  const bool need_gs = MODE != kForwardStats && r.grad_student != nullptr;
+  const bool need_gt = MODE != kForwardStats && teacher.wants_grad;
   const bool late_grads = grads_need_sums(KIND, need_gs, need_gt) || (need_gt && teacher.grad_needs_sums);
   // dL/dlogit = grad_scale · row_weight · kd_scale · (1/T unless mse) · dD/du  (+ hard term).
   const float c_row = r.grad_scale * r.row_weight;
   const float coef = c_row * o.kd_scale * (KIND == kMSE ? 1.f : inv_t);
   const float c_hard = c_row * o.hard_weight;
   const bool vec_gs = need_gs && aligned16(r.grad_student);
-  float sums[3] = {0.f, 0.f, 0.f};
 
   // Gradients of one chunk; the student's are stored only at stage 0.
   auto grad_chunk = [&](int stage, int64_t start, const float (&s)[N], const float (&lp)[N], const float (&t)[N]) {
-    float gs[N], gt[N];
+    float gs[N], gt[N], lq[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       gs[k] = 0.f;
       gt[k] = 0.f;
+      lq[k] = lse_q.log_prob(s[k] * inv_t);
       if (start + k < V) {
-        const Column col{s[k] * inv_t - lse_q, lp[k], s[k], t[k]};
+        const Column col{lq[k], lp[k], s[k], t[k]};
         gs[k] = coef * divergence_grad_student<KIND>(col, r.consts, sums);
         if (hard) gs[k] += c_hard * (__expf(s[k] - lse_hard) - (start + k == label ? 1.f : 0.f));
+        if (bad_label) gs[k] = NAN;
         gt[k] = coef * divergence_grad_teacher<KIND>(col, r.consts, sums);
       }
     }
     if (need_gs && stage == 0) store_chunk<T, N>(r.grad_student, start, V, vec_gs, gs);
-    if (need_gt) teacher.grad_columns(stage, start, lp, gt, sums);
+    if (need_gt) teacher.grad_columns(stage, start, lq, lp, gt, sums);
   };
   auto grad_pass = [&](int stage) {
     for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
@@ -626,26 +712,42 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
       grad_chunk(stage, c * N, s, lp, t);
     }
   };
-
-  // Pass 2: the row sums (D and the auxiliary sums); the gradients too when they need no sum.
-  for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
-    float s[N], lp[N], t[N];
-    load_chunk<T, N>(r.student, c * N, V, vec_s, s);
-    teacher.columns(c * N, lp, t);
+  if constexpr (MODE == kBackwardFromStats) {
+    grad_pass(0);
+  } else {
+    // Pass 2: the row sums (D and the auxiliary sums); the gradients too when they need no sum.
+    for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
+      float s[N], lp[N], t[N];
+      load_chunk<T, N>(r.student, c * N, V, vec_s, s);
+      teacher.columns(c * N, lp, t);
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (c * N + k < V) divergence_terms<KIND>(Column{s[k] * inv_t - lse_q, lp[k], s[k], t[k]}, r.consts, sums);
+      for (int k = 0; k < N; ++k) {
+        if (c * N + k < V) {
+          divergence_terms<KIND>(Column{lse_q.log_prob(s[k] * inv_t), lp[k], s[k], t[k]}, r.consts, sums);
+        }
+      }
+      if (!late_grads && (need_gs || need_gt)) grad_chunk(0, c * N, s, lp, t);
     }
-    if (!late_grads && (need_gs || need_gt)) grad_chunk(0, c * N, s, lp, t);
+    block_allreduce(sums, SumOp());
+    finish_sums<KIND>(sums);
+    if (threadIdx.x == 0) *r.row_loss = r.row_weight * (o.kd_scale * sums[0] + o.hard_weight * ce);
+    if constexpr (MODE == kForwardStats) {
+      if (threadIdx.x == 0) {
+        r.stats[0] = lse_q.m;
+        r.stats[1] = lse_q.log_d;
+        r.stats[2] = lse_hard;
+        teacher.save(r.stats + 3);
+        for (int i = 0; i < kSums; ++i) r.stats[5 + i] = sums[i];
+      }
+    } else {
+      // Pass 3 (when the gradients need the row sums), then the teacher's second stage if any.
+      if (late_grads) grad_pass(0);
+      if (need_gt && Teacher::grad_stages == 2) {
+        teacher.between_stages();
+        grad_pass(1);
+      }
+    }
   }
-  block_allreduce(sums, SumOp());
-  // Pass 3 (when the gradients need the row sums), then the teacher's second stage if any.
-  if (late_grads) grad_pass(0);
-  if (need_gt && Teacher::grad_stages == 2) {
-    teacher.between_stages();
-    grad_pass(1);
-  }
-  if (threadIdx.x == 0) *r.row_loss = r.row_weight * (o.kd_scale * sums[0] + o.hard_weight * ce);
 }
 
 }  // namespace kdengine

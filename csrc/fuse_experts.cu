@@ -13,7 +13,10 @@
 //   logit space  dL/dz_k = α_k (g − p̄ Σ g)           (Σ g = 0 except for mse)
 //   prob space   r = T g,  dL/dz_k,i = (α_k / T)(exp(log p_k,i − log p̄_i) r_i − p_k,i S_k),
 //                S_k = Σ_j exp(log p_k,j − log p̄_j) r_j   (a second stage: S needs a row sum)
-// The ratio p_k / p̄ ≤ 1 / α_k is computed from log-probs, so no division by a tiny p̄.
+// The ratio p_k / p̄ ≤ 1 / α_k is computed from log-probs, so no division by a tiny p̄. For tvd
+// the prob-space gradient is c · α_k p_k (g − Σ_j p_k,j g_j), g = ½ sign(p̄ − q), c = dL/dD / T,
+// with Σ p_k g from p_k's sums split by the sign of g (tvd_centered: no cancellation when expert k
+// is peaked).
 #include "common.cuh"
 
 namespace kdengine {
@@ -23,7 +26,7 @@ namespace {
 struct ExpertStats {
   float alpha[kMaxExperts];
   float log_alpha[kMaxExperts];  // −inf where α_k <= 0 (and for NaN weights): the expert is dropped
-  float lse[kMaxExperts];        // log Σ exp(z_k / T)
+  LogSumExp lse[kMaxExperts];    // of z_k / T
 };
 
 // Pass 1 and α for row n; writes alpha[n, :] and entropy[n, :]. Block-wide.
@@ -45,7 +48,7 @@ __device__ void expert_statistics(const FusionArgs& f, const T* row0, int64_t V,
     block_allreduce(st, EntropyMergeOp());
     if (threadIdx.x == 0) {
       const float log_d = logf(st[1]);
-      stats.lse[e] = st[0] + log_d;
+      stats.lse[e] = LogSumExp{st[0], log_d};
       entropy[e] = log_d - st[2] / st[1];
       top[e] = 1.f / st[1];  // max_c p_k,c = exp(m − lse) = 1 / d
     }
@@ -97,9 +100,10 @@ struct FusedTeacher {
   bool grad_needs_sums;          // logit-space mse: Σ g over the row
   float mse_coef;                // grad_scale · row_weight · kd_scale (mse's Σ g)
   float inv_vocab;
-  float fused_lse = 0.f;         // logit space: lse(z̄ / T)
-  float* partial_s;              // prob space: shared [kMaxExperts], the block sums S_k
-  float s_acc[kMaxExperts];      // prob space: this thread's part of S_k
+  LogSumExp fused_lse;           // logit space: of z̄ / T
+  float* partial_s;              // prob space: shared [3 · kMaxExperts], the block sums S_k (tvd:
+                                 // Σ p_k over p̄ > q, p̄ < q, p̄ = q)
+  float s_acc[KIND == kTVD ? 3 * kMaxExperts : kMaxExperts];  // prob space: this thread's part
 
   // z̄ = Σ_{α_k>0} α_k z_k for a chunk (−inf where the experts are −inf).
   __device__ void mix_logits(int64_t start, float (&zbar)[N]) const {
@@ -123,7 +127,7 @@ struct FusedTeacher {
 
   __device__ void prepare() {
 #pragma unroll
-    for (int e = 0; e < kMaxExperts; ++e) s_acc[e] = 0.f;
+    for (int e = 0; e < (KIND == kTVD ? 3 : 1) * kMaxExperts; ++e) s_acc[e] = 0.f;
     if constexpr (SPACE == kLogitSpace) {
       float st[2] = {kNegInf, 0.f};
       for (int64_t c = threadIdx.x; c * N < vocab; c += blockDim.x) {
@@ -135,7 +139,7 @@ struct FusedTeacher {
         }
       }
       block_allreduce(st, SoftmaxMergeOp());
-      fused_lse = st[0] + logf(st[1]);
+      fused_lse = LogSumExp{st[0], logf(st[1])};
     }
   }
 
@@ -144,7 +148,7 @@ struct FusedTeacher {
     if constexpr (SPACE == kLogitSpace) {
       mix_logits(start, lp);
 #pragma unroll
-      for (int k = 0; k < N; ++k) lp[k] = lp[k] * inv_t - fused_lse;
+      for (int k = 0; k < N; ++k) lp[k] = fused_lse.log_prob(lp[k] * inv_t);
     } else {
       float m[N], d[N];  // online log-sum-exp over the experts, per column
 #pragma unroll
@@ -159,7 +163,7 @@ struct FusedTeacher {
         float z[N];
         load_chunk<T, N>(row, start, vocab, aligned16(row), z);
 #pragma unroll
-        for (int k = 0; k < N; ++k) softmax_push(m[k], d[k], la + z[k] * inv_t - stats->lse[e]);
+        for (int k = 0; k < N; ++k) softmax_push(m[k], d[k], la + stats->lse[e].log_prob(z[k] * inv_t));
       }
 #pragma unroll
       for (int k = 0; k < N; ++k) lp[k] = m[k] == kNegInf ? kNegInf : m[k] + logf(d[k]);
@@ -168,8 +172,8 @@ struct FusedTeacher {
     for (int k = 0; k < N; ++k) t[k] = temperature * lp[k];
   }
 
-  __device__ void grad_columns(int stage, int64_t start, const float (&lp)[N], const float (&g)[N],
-                               const float (&sums)[3]) {
+  __device__ void grad_columns(int stage, int64_t start, const float (&lq)[N], const float (&lp)[N],
+                               const float (&g)[N], const float (&sums)[kSums]) {
     if constexpr (SPACE == kLogitSpace) {
       // dL/dz̄ = g − p̄ Σ_j g_j; for mse Σ_j g_j = −2 · mse_coef / V · Σ (s − t).
       const float g_sum = KIND == kMSE ? -2.f * mse_coef * inv_vocab * sums[2] : 0.f;
@@ -185,12 +189,13 @@ struct FusedTeacher {
         store_chunk<T, N>(grow, start, vocab, aligned16(grow), out);
       }
     } else {
-      prob_grad_columns(stage, start, lp, g);
+      prob_grad_columns(stage, start, lq, lp, g);
     }
   }
 
   // Prob space. Stage 0 accumulates S_k; stage 1 writes dL/dz_k with the block sums S_k.
-  __device__ void prob_grad_columns(int stage, int64_t start, const float (&lp)[N], const float (&g)[N]) {
+  __device__ void prob_grad_columns(int stage, int64_t start, const float (&lq)[N], const float (&lp)[N],
+                                    const float (&g)[N]) {
     for (int e = 0; e < num_experts; ++e) {
       const float la = stats->log_alpha[e];
       float out[N];
@@ -204,11 +209,21 @@ struct FusedTeacher {
         float chunk_s = 0.f;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          const float lpk = z[k] * inv_t - stats->lse[e];
+          const float lpk = stats->lse[e].log_prob(z[k] * inv_t);
           const bool live = start + k < vocab && lpk != kNegInf;
           const float ratio = live ? __expf(lpk - lp[k]) : 0.f;  // p_k / p̄ <= 1 / α_k
           const float r = temperature * g[k];                    // dL/d log p̄
-          if (stage == 0) {
+          if constexpr (KIND == kTVD) {
+            const float sign = tvd_sign(Column{lq[k], lp[k], 0.f, 0.f});
+            const float pk = live ? __expf(lpk) : 0.f;
+            if (stage == 0) {
+              s_acc[(sign > 0.f ? 0 : sign < 0.f ? 1 : 2) * kMaxExperts + e] += pk;
+            } else {
+              // partial_s = [plus | minus | zero] × kMaxExperts; mse_coef · inv_t = dL/dD / T
+              out[k] = stats->alpha[e] * mse_coef * inv_t * pk *
+                       tvd_centered(sign, partial_s[e], partial_s[kMaxExperts + e], partial_s[2 * kMaxExperts + e]);
+            }
+          } else if (stage == 0) {
             chunk_s += ratio * r;
           } else if (live) {
             out[k] = scale * (ratio * r - __expf(lpk) * partial_s[e]);
@@ -224,9 +239,10 @@ struct FusedTeacher {
   }
 
   __device__ void between_stages() {
+    constexpr int kAcc = (KIND == kTVD ? 3 : 1) * kMaxExperts;
     block_allreduce(s_acc, SumOp());
     if (threadIdx.x == 0) {
-      for (int e = 0; e < kMaxExperts; ++e) partial_s[e] = s_acc[e];
+      for (int e = 0; e < kAcc; ++e) partial_s[e] = s_acc[e];
     }
     __syncthreads();
   }
@@ -284,7 +300,7 @@ template <typename T, int KIND, int SPACE>
 __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const FusedExpertsKDArgs a,
                                                                          const DivergenceConsts consts) {
   __shared__ ExpertStats stats;
-  __shared__ float partial_s[kMaxExperts];
+  __shared__ float partial_s[3 * kMaxExperts];
   const int64_t n = blockIdx.x, V = a.vocab;
   const float temperature = a.options.temperature;
   const T* row0 = static_cast<const T*>(a.fusion.experts) + n * a.fusion.row_stride;
@@ -301,6 +317,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
   r.row_weight = a.row_weights != nullptr ? a.row_weights[n] : 1.f;
   r.grad_scale = *a.grad_scale;
   r.row_loss = a.row_loss + n;
+  r.stats = nullptr;
 
   FusedTeacher<T, KIND, SPACE> teacher;
   init_teacher(teacher, a.fusion, n, a.n_rows, V, temperature, stats);
@@ -311,7 +328,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
     teacher.mse_coef = r.grad_scale * r.row_weight * a.options.kd_scale;
     teacher.partial_s = partial_s;
   }
-  kd_loss_row<T, KIND>(r, teacher);
+  kd_loss_row<T, KIND, kGradInForward>(r, teacher);
 }
 
 // Threads per row: the K-expert passes do K loads per chunk, so use the row width.

@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdengine.ops.expert_batch_embed import insert_offsets
-from kdengine.reference.expert_batch_embed import row_tables
+from kdengine.reference.expert_batch_embed import insert_offsets, row_tables
 
 BLOCK_T = 16
 BLOCK_P = 16

@@ -45,17 +45,25 @@ import torch
 import triton
 import triton.language as tl
 
-from kdengine.kernels.kd_loss import (  # shared divergence ids, base-2 constants and row helpers
-    _FORWARD_KL,
-    _JSD,
-    _KIND_IDS,
-    _LN2,
-    _MSE,
-    _REVERSE_KL,
-    _SOFT_CE,
-    _TVD,
-    _load,
-    _online_step,
+from kdengine.kernels.divergence import (
+    FORWARD_KL,
+    KIND_IDS,
+    LN2,
+    MSE,
+    SOFT_CE,
+    TVD,
+    divergence_terms,
+    finish_lse,
+    finish_lse_split,
+    load_row,
+    online_step,
+    TVD_SUMS,
+    tvd_centered,
+    tvd_chunk_sums,
+    tvd_distance,
+    tvd_sign,
+    tvd_student_grad,
+    tvd_teacher_grad,
 )
 
 _UNIFORM = tl.constexpr(0)
@@ -92,13 +100,6 @@ def _load_experts(e_row, stride_k, k_offs, offs, K, V, c):
 
 
 @triton.jit
-def _finish_lse(m, d):
-    # log2 Σ exp2(x) from the running max and the per-lane sums.
-    ref = tl.where(m == float("-inf"), 0.0, m)
-    return ref + tl.log2(tl.sum(d, axis=0))
-
-
-@triton.jit
 def _expert_stats(e_row, stride_k, k_offs, K, V, c, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
     # Pass 1 over the experts: (L_k, H_k in nats, d_k) per expert; padded experts give (0, 0, 0).
     cols = tl.arange(0, BLOCK)
@@ -120,8 +121,9 @@ def _expert_stats(e_row, stride_k, k_offs, K, V, c, K_PAD: tl.constexpr, BLOCK: 
         ref = ref_new
     real = k_offs < K
     safe_d = tl.where(real, d, 1.0)
-    lse = tl.where(real, ref + tl.log2(safe_d), 0.0)
-    entropy = tl.where(real, (tl.log2(safe_d) - w / safe_d) * _LN2, 0.0)
+    # L_k as (reference max, log2 d): log2 p_k = (x − ref) − log2 d (see finish_lse_split)
+    lse = (tl.where(real, ref, 0.0), tl.where(real, tl.log2(safe_d), 0.0))
+    entropy = tl.where(real, (tl.log2(safe_d) - w / safe_d) * LN2, 0.0)
     return lse, entropy, d
 
 
@@ -158,20 +160,21 @@ def _fused_lse(e_row, stride_k, k_offs, alpha, K, V, c, K_PAD: tl.constexpr, BLO
     d = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         xbar = _fused_x(_load_experts(e_row, stride_k, k_offs, start + cols, K, V, c), alpha)
-        m, f, e = _online_step(m, xbar)
+        m, f, e = online_step(m, xbar)
         d = d * f + e
-    return _finish_lse(m, d)
+    return finish_lse_split(m, d)
 
 
 @triton.jit
 def _fused_log2p(x, lse, alpha, lse_fused, SPACE: tl.constexpr):
+    # lse: the experts' (ref [K_PAD], log2 d [K_PAD]); lse_fused: L̄ as (ref, log2 d) (logit space).
     # (log2 p̄ [BLOCK], log2 p_k [K_PAD, BLOCK]) of one chunk. The second is only meaningful (and
     # only used) in prob space.
     if SPACE == _LOGIT:
-        a2 = _fused_x(x, alpha) - lse_fused
+        a2 = (_fused_x(x, alpha) - lse_fused[0]) - lse_fused[1]
         lp = x
     else:
-        lp = x - lse[:, None]
+        lp = (x - lse[0][:, None]) - lse[1][:, None]
         # log2 Σ_k α_k p_k = max + log2 Σ_k exp2(log2 α_k + log2 p_k − max)
         log2_alpha = tl.log2(tl.where(alpha > 0, alpha, 1.0))
         t = tl.where(alpha[:, None] > 0, lp + log2_alpha[:, None], float("-inf"))
@@ -183,55 +186,13 @@ def _fused_log2p(x, lse, alpha, lse_fused, SPACE: tl.constexpr):
 
 
 @triton.jit
-def _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND: tl.constexpr):
-    # Per column: (D term, r = ∂D/∂a, σ = ∂D/∂b), a = ln p̄, b = ln q (mse: σ = ∂D/∂s on raw logits,
-    # all three without the 1/V). −inf columns give 0.
-    p = tl.exp2(a2)
-    q = tl.exp2(b2)
-    live_p = a2 > float("-inf")
-    live_q = b2 > float("-inf")
-    la = tl.where(live_p, a2, 0.0) * _LN2
-    lb = tl.where(live_q, b2, 0.0) * _LN2
-    if KIND == _FORWARD_KL:
-        # D = Σ p̄ (a − b): r = p̄ (a − b) (+ p̄, dropped), σ = −p̄
-        term = tl.where(live_p, p * (la - lb), 0.0)
-        r = term
-        sigma = -p
-    elif KIND == _REVERSE_KL:
-        # D = Σ q (b − a): r = −q, σ = q (b − a) (+ q, dropped)
-        term = tl.where(live_q, q * (lb - la), 0.0)
-        r = -q
-        sigma = term
-    elif KIND == _SOFT_CE:
-        # D = −Σ p̄ b: r = −p̄ b, σ = −p̄
-        term = tl.where(live_p, -p * lb, 0.0)
-        r = term
-        sigma = -p
-    elif KIND == _JSD:
-        # m = β p̄ + (1−β) q, log2 m = logaddexp2(log2 p̄ + log2 β, log2 q + log2(1−β));
-        # D = Σ p̄ F + Σ q G with F = β ln(p̄/m), G = (1−β) ln(q/m); r = p̄ F, σ = q G.
-        x = a2 + log2_beta
-        y = b2 + log2_1m_beta
-        hi = tl.maximum(x, y)
-        ref = tl.where(hi == float("-inf"), 0.0, hi)
-        lm = (ref + tl.log2(tl.exp2(x - ref) + tl.exp2(y - ref))) * _LN2
-        r = tl.where(live_p, p * (beta * (la - lm)), 0.0)
-        sigma = tl.where(live_q, q * ((1.0 - beta) * (lb - lm)), 0.0)
-        term = r + sigma
-    elif KIND == _TVD:
-        # D = ½ Σ |p̄ − q|, g = ½ sign(p̄ − q) (0 where equal, as autograd's abs): r = p̄ g, σ = −q g
-        diff = p - q
-        g = tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0))
-        term = 0.5 * tl.abs(diff)
-        r = p * g
-        sigma = -q * g
-    else:
-        # mse on raw logits against the teacher logits T·a; non-finite columns contribute 0.
-        # D·V = Σ (s − T a)²: r = −2T (s − T a), σ = 2 (s − T a).
-        diff = tl.where(live_p & (tl.abs(s) < float("inf")), s - temperature * la, 0.0)
-        term = diff * diff
-        r = -2.0 * temperature * diff
-        sigma = 2.0 * diff
+def _terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND: tl.constexpr):
+    # The shared divergence core against the fused teacher: (D term, r = ∂D/∂a, σ = ∂D/∂b),
+    # a = ln p̄, b = ln q. mse compares the student with the teacher logits T·a (its r is
+    # T · ∂(D·V)/∂(T a)); all three without mse's 1/V.
+    term, r, sigma = divergence_terms(a2, b2, s, temperature * a2 * LN2, beta, log2_beta, log2_1m_beta, KIND)
+    if KIND == MSE:
+        r = r * temperature
     return term, r, sigma
 
 
@@ -256,7 +217,7 @@ def _fused_experts_kd_rows_kernel(
     cols = tl.arange(0, BLOCK)
     k_offs = tl.arange(0, K_PAD)
     k_real = k_offs < K
-    SOFTMAX: tl.constexpr = KIND != _MSE
+    SOFTMAX: tl.constexpr = KIND != MSE
 
     label = -1
     valid = row >= 0
@@ -276,16 +237,16 @@ def _fused_experts_kd_rows_kernel(
     z_1 = tl.zeros([BLOCK], tl.float32)
     if SOFTMAX or OWN_T1:
         for start in range(0, V, BLOCK):
-            s = _load(s_row, start + cols, V)
+            s = load_row(s_row, start + cols, V)
             if SOFTMAX:
-                m_s, f, e = _online_step(m_s, s * c)
+                m_s, f, e = online_step(m_s, s * c)
                 z_s = z_s * f + e
             if OWN_T1:
-                m_1, f1, e1 = _online_step(m_1, s * c1)
+                m_1, f1, e1 = online_step(m_1, s * c1)
                 z_1 = z_1 * f1 + e1
-    lse_s = 0.0
+    lse_s = (0.0, 0.0)  # (reference max, log2 Σ): log2 q = (s c − ref) − log2 Σ
     if SOFTMAX:
-        lse_s = _finish_lse(m_s, z_s)
+        lse_s = finish_lse_split(m_s, z_s)
     alpha = _mixture(entropy, d, k_offs, K, sharpness, weights_ptr + row * stride_w, WEIGHTING)
     tl.store(alpha_ptr + row * K + k_offs, alpha, mask=k_real)
     tl.store(ent_ptr + row * K + k_offs, entropy, mask=k_real)
@@ -293,55 +254,77 @@ def _fused_experts_kd_rows_kernel(
     # Hard-label CE at T=1: ln Σ exp(s) − s[label]; gradient softmax(s) − onehot(label).
     ce = 0.0
     lse_1 = 0.0
+    bad_label = 0.0
     if HARD:
         if OWN_T1:
-            lse_1 = _finish_lse(m_1, z_1)
+            lse_1 = finish_lse(m_1, z_1)
         else:
-            lse_1 = lse_s
+            lse_1 = lse_s[0] + lse_s[1]
+        # A label outside [0, V) (and not ignore_index): NaN loss and NaN student gradient.
         in_row = valid & (label >= 0) & (label < V)
-        ce = lse_1 * _LN2 - tl.load(s_row + label, mask=in_row, other=0.0).to(tl.float32)
+        ce = tl.where(in_row, lse_1 * LN2 - tl.load(s_row + label, mask=in_row, other=0.0).to(tl.float32),
+                      float("nan"))
+        bad_label = tl.where(valid & ~in_row, float("nan"), 0.0)
 
     # ---- pass 1b: log-sum-exp of the fused logits (logit space) ------------------------------------
-    lse_f = 0.0
+    lse_f = (0.0, 0.0)
     if SPACE == _LOGIT:
         lse_f = _fused_lse(e_row, stride_ek, k_offs, alpha, K, V, c, K_PAD, BLOCK)
 
     # ---- pass 2: D, its row sums, and the student gradient when it needs no row sum -----------------
-    GRAD_S_PASS2: tl.constexpr = GRAD_S and (KIND == _FORWARD_KL or KIND == _SOFT_CE or KIND == _MSE)
+    GRAD_S_PASS2: tl.constexpr = GRAD_S and (KIND == FORWARD_KL or KIND == SOFT_CE or KIND == MSE)
     CK: tl.constexpr = GRAD_E and SPACE == _PROB
     acc_d = tl.zeros([BLOCK], tl.float32)
     acc_r = tl.zeros([BLOCK], tl.float32)
     acc_sig = tl.zeros([BLOCK], tl.float32)
     acc_c = tl.zeros([K_PAD, BLOCK], tl.float32)
+    # tvd: the row's tvd_chunk_sums, and (prob space) each p_k's sums split by the sign of p̄ − q
+    tvd = tl.zeros([TVD_SUMS], tl.float32)
+    k_plus = tl.zeros([K_PAD, BLOCK], tl.float32)
+    k_minus = tl.zeros([K_PAD, BLOCK], tl.float32)
+    k_zero = tl.zeros([K_PAD, BLOCK], tl.float32)
     gs_row = gs_ptr + row * V
     for start in range(0, V, BLOCK):
         offs = start + cols
         x = _load_experts(e_row, stride_ek, k_offs, offs, K, V, c)
-        s = _load(s_row, offs, V)
+        s = load_row(s_row, offs, V)
         a2, lp = _fused_log2p(x, lse, alpha, lse_f, SPACE)
-        b2 = s * c - lse_s
-        term, r, sigma = _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
+        b2 = (s * c - lse_s[0]) - lse_s[1]
+        term, r, sigma = _terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
         acc_d += term
         acc_r += r
         acc_sig += sigma
+        if KIND == TVD:
+            tvd += tvd_chunk_sums(a2, b2)
+            if CK:
+                g = tvd_sign(a2, b2)[None, :]
+                p_k = tl.where((alpha[:, None] > 0) & (a2[None, :] > float("-inf")), tl.exp2(lp), 0.0)
+                k_plus += tl.where(g > 0, p_k, 0.0)
+                k_minus += tl.where(g < 0, p_k, 0.0)
+                k_zero += tl.where(g == 0, p_k, 0.0)
         if CK:
             # c_k = Σ_j r_j ρ_k,j
             live = (alpha[:, None] > 0) & (a2[None, :] > float("-inf"))
             acc_c += r[None, :] * tl.where(live, tl.exp2(lp - a2[None, :]), 0.0)
         if GRAD_S_PASS2:
-            if KIND == _MSE:
+            if KIND == MSE:
                 g_s = coef_s * sigma
             else:
                 g_s = coef_s * (sigma + tl.exp2(b2))  # Σσ = −1
             if HARD:
-                g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0)) + bad_label
             tl.store(gs_row + offs, (grad_w * g_s).to(gs_row.dtype.element_ty), mask=offs < V)
     dvg = tl.sum(acc_d, axis=0)
     sum_r = tl.sum(acc_r, axis=0)
     sum_sig = tl.sum(acc_sig, axis=0)
     c_k = tl.sum(acc_c, axis=1)
-    if KIND == _MSE:
+    if KIND == MSE:
         dvg = dvg / V
+    if KIND == TVD:
+        dvg = tvd_distance(tvd)
+    sk_plus = tl.sum(k_plus, axis=1)
+    sk_minus = tl.sum(k_minus, axis=1)
+    sk_zero = tl.sum(k_zero, axis=1)
 
     # ---- pass 3: expert gradients, and the student gradient of reverse_kl / jsd / tvd ---------------
     GRAD_S_PASS3: tl.constexpr = GRAD_S and not GRAD_S_PASS2
@@ -350,24 +333,34 @@ def _fused_experts_kd_rows_kernel(
         for start in range(0, V, BLOCK):
             offs = start + cols
             x = _load_experts(e_row, stride_ek, k_offs, offs, K, V, c)
-            s = _load(s_row, offs, V)
+            s = load_row(s_row, offs, V)
             a2, lp = _fused_log2p(x, lse, alpha, lse_f, SPACE)
-            b2 = s * c - lse_s
-            term, r, sigma = _divergence_terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
+            b2 = (s * c - lse_s[0]) - lse_s[1]
+            term, r, sigma = _terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
             if GRAD_S_PASS3:
-                g_s = coef_s * (sigma - tl.exp2(b2) * sum_sig)
+                if KIND == TVD:  # σ − q Σσ = −q (g − Σ q g), without cancellation
+                    g_s = coef_s * tvd_student_grad(a2, b2, tvd)
+                else:
+                    g_s = coef_s * (sigma - tl.exp2(b2) * sum_sig)
                 if HARD:
-                    g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0))
+                    g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0)) + bad_label
                 tl.store(gs_row + offs, (grad_w * g_s).to(gs_row.dtype.element_ty), mask=offs < V)
             if GRAD_E:
                 if SPACE == _LOGIT:
-                    g_bar = r - tl.exp2(a2) * sum_r
+                    if KIND == TVD:  # r − p̄ Σr = p̄ (g − Σ p̄ g)
+                        g_bar = tvd_teacher_grad(a2, b2, tvd)
+                    else:
+                        g_bar = r - tl.exp2(a2) * sum_r
                     g_e = alpha[:, None] * g_bar[None, :]
                 else:
                     live = (alpha[:, None] > 0) & (a2[None, :] > float("-inf"))
                     rho = tl.where(live, tl.exp2(lp - a2[None, :]), 0.0)
                     p_k = tl.where(live, tl.exp2(lp), 0.0)
-                    g_e = alpha[:, None] * (r[None, :] * rho - p_k * c_k[:, None])
+                    if KIND == TVD:  # r ρ_k − p_k c_k = p_k (g − Σ p_k g)
+                        g_e = alpha[:, None] * p_k * tvd_centered(tvd_sign(a2, b2)[None, :], sk_plus[:, None],
+                                                                  sk_minus[:, None], sk_zero[:, None])
+                    else:
+                        g_e = alpha[:, None] * (r[None, :] * rho - p_k * c_k[:, None])
                 ptrs = ge_row + k_offs[:, None].to(tl.int64) * N * V + offs[None, :]
                 tl.store(ptrs, (grad_w * coef_e * g_e).to(ge_ptr.dtype.element_ty),
                          mask=k_real[:, None] & (offs[None, :] < V))
@@ -391,14 +384,14 @@ def _fuse_experts_kernel(
     alpha = _mixture(entropy, d, k_offs, K, sharpness, weights_ptr + row * stride_w, WEIGHTING)
     tl.store(alpha_ptr + row * K + k_offs, alpha, mask=k_offs < K)
     tl.store(ent_ptr + row * K + k_offs, entropy, mask=k_offs < K)
-    lse_f = 0.0
+    lse_f = (0.0, 0.0)
     if SPACE == _LOGIT:
         lse_f = _fused_lse(e_row, stride_ek, k_offs, alpha, K, V, c, K_PAD, BLOCK)
     out_row = out_ptr + row * V
     for start in range(0, V, BLOCK):
         offs = start + cols
         a2, _ = _fused_log2p(_load_experts(e_row, stride_ek, k_offs, offs, K, V, c), lse, alpha, lse_f, SPACE)
-        tl.store(out_row + offs, a2 * _LN2, mask=offs < V)
+        tl.store(out_row + offs, a2 * LN2, mask=offs < V)
 
 
 def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
@@ -472,7 +465,7 @@ def fused_experts_kd_rows_triton(student, experts, labels, row_weights, grad_sca
             n, v, k, int(spec.ignore_index),
             math.log2(math.e) / temperature, math.log2(math.e), float(sharpness), temperature, kd_scale,
             coef_s, coef_e, float(spec.hard_weight), beta, log2_beta, log2_1m_beta,
-            WEIGHTING=weighting_id, SPACE=_SPACE_IDS[space], KIND=_KIND_IDS[kind], HARD=hard,
+            WEIGHTING=weighting_id, SPACE=_SPACE_IDS[space], KIND=KIND_IDS[kind], HARD=hard,
             OWN_T1=hard and (kind == "mse" or temperature != 1.0),
             HAS_LABELS=labels is not None, HAS_ROW_W=row_weights is not None,
             GRAD_S=grad_s is not None, GRAD_E=grad_e is not None, K_PAD=k_pad, BLOCK=block,

@@ -113,12 +113,20 @@ def _check_grad(actual, expected, dtype, shape, name):
 # ------------------------------------------------------------------------------------------------
 # kd_loss rows (csrc/kd_loss.cu)
 # ------------------------------------------------------------------------------------------------
+def _kd_rows(student, teacher, labels, row_weights, spec, need, scale=GRAD_SCALE):
+    """The emulated forward launch, then the backward launch with dL/d(row_loss) = scale."""
+    row_loss, stats = _cuda.kd_loss_forward_cuda(student, teacher, labels, row_weights, spec)
+    assert stats.dtype == torch.float32 and stats.shape[0] == student.shape[0]
+    grads = _cuda.kd_loss_backward_cuda(student, teacher, labels, row_weights, stats, torch.as_tensor(scale),
+                                        spec, *need)
+    return (row_loss, *grads)
+
+
 def check_kd_rows(student, teacher, labels, row_weights, *, divergence, temperature=2.0, hard_weight=0.0,
                   need=(True, True)):
     """Emulated kd_loss rows vs the float64 reference: row losses and d(Σ rows · grad_scale)."""
     spec = make_spec(divergence=divergence, temperature=temperature, hard_weight=hard_weight, **LOSS)
-    row_loss, grad_s, grad_t = _cuda.kd_loss_rows_cuda(student, teacher, labels, row_weights,
-                                                        torch.tensor(GRAD_SCALE), spec, *need)
+    row_loss, grad_s, grad_t = _kd_rows(student, teacher, labels, row_weights, spec, need)
     s64, t64 = _as64(student, need[0]), _as64(teacher, need[1])
     ref = kd_loss_reference(s64, t64, divergence=divergence, temperature=temperature, hard_weight=hard_weight,
                             labels=labels, row_weights=_as64(row_weights), reduction="none", **LOSS)
@@ -179,24 +187,85 @@ def test_kd_loss_rows_large_vocab(divergence, dtype):
                   divergence=divergence, hard_weight=0.2)
 
 
-def test_kd_loss_function_backward_scales_grad_output():
-    """KDLossFunction on the emulated rows: reduced loss and gradients for grad_output != 1."""
+CUDA_KERNELS = (_cuda.kd_loss_forward_cuda, _cuda.kd_loss_backward_cuda)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_kd_loss_function_backward_scales_grad_output(reduction):
+    """KDLossFunction on the emulated kernels: reduced loss and gradients for grad_output != 1
+    (per row with reduction="none"); the backward recomputes, so it can run twice."""
     n, v = 4, 257
     student = _logits(n, v, dtype=torch.float32).requires_grad_()
     teacher = _logits(n, v, dtype=torch.float32).requires_grad_()
     labels, row_weights = _labels(n, v), _row_weights(n)
     spec = make_spec(divergence="jsd", temperature=2.0, hard_weight=0.3, **LOSS)
-    grad_scale = grad_scale_for("batchmean", None, labels, spec, n, v, student.device)
-    loss = KDLossFunction.apply(student, teacher, labels, row_weights, grad_scale, spec, "batchmean",
-                                _cuda.kd_loss_rows_cuda)
-    loss.backward(torch.tensor(1.7))
+    grad_scale = grad_scale_for(reduction, None, labels, spec, n, v, student.device)
+    loss = KDLossFunction.apply(student, teacher, labels, row_weights, grad_scale, spec, reduction, CUDA_KERNELS)
+    grad_output = torch.rand(n) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    loss.backward(grad_output, retain_graph=True)
     s64, t64 = _as64(student, True), _as64(teacher, True)
     ref = kd_loss_reference(s64, t64, divergence="jsd", temperature=2.0, hard_weight=0.3, labels=labels,
-                            row_weights=_as64(row_weights), reduction="batchmean", **LOSS)
-    ref.backward(torch.tensor(1.7, dtype=torch.float64))
+                            row_weights=_as64(row_weights), reduction=reduction, **LOSS)
+    ref.backward(grad_output.double())
     assert_close(loss, ref, torch.float32, "loss")
     assert_close(student.grad, s64.grad, torch.float32, "student.grad")
     assert_close(teacher.grad, t64.grad, torch.float32, "teacher.grad")
+    first = student.grad.clone()
+    student.grad = None
+    loss.backward(grad_output)
+    assert torch.equal(student.grad, first)
+
+
+def _peaked(n: int, v: int, peak: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student rows with one logit at 20 (σ=1 noise elsewhere) and the peak column of each row."""
+    x = torch.randn(n, v)
+    cols = torch.randint(v, (n,))
+    x[torch.arange(n), cols] = peak
+    return x, cols
+
+
+@pytest.mark.parametrize("teacher_peak", [17.0, 23.0])
+def test_kd_loss_tvd_peaked_rows_exact(teacher_peak):
+    """TVD in peaked rows (Σ q g ≈ −½ + 1e-6): loss and both gradients match float64 row by row."""
+    n, v = 3, 613
+    student, cols = _peaked(n, v, 20.0)
+    teacher = student.clone()
+    teacher[torch.arange(n), cols] = teacher_peak
+    teacher[:, :300] += 0.3 * torch.randn(n, 300)
+    spec = make_spec(divergence="tvd", temperature=1.0, hard_weight=0.0, **LOSS)
+    row_loss, grad_s, grad_t = _kd_rows(student, teacher, None, None, spec, (True, True), scale=1.0)
+    s64, t64 = _as64(student, True), _as64(teacher, True)
+    ref = kd_loss_reference(s64, t64, divergence="tvd", temperature=1.0, reduction="none", **LOSS)
+    ref.sum().backward()
+    assert_close(row_loss, ref, torch.float32, "row_loss")
+    for row in range(n):
+        assert_close(grad_s[row], s64.grad[row], torch.float32, f"grad_student row {row}")
+        assert_close(grad_t[row], t64.grad[row], torch.float32, f"grad_teacher row {row}")
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "tvd"])
+def test_kd_loss_out_of_range_label_gives_nan_row(divergence):
+    """A hard label outside [0, V) (not ignore_index): NaN row loss and NaN student gradient row."""
+    n, v = 3, 64
+    labels = torch.tensor([3, v, IGNORE])
+    spec = make_spec(divergence=divergence, temperature=2.0, hard_weight=0.5, **LOSS)
+    row_loss, grad_s, _ = _kd_rows(_logits(n, v, dtype=torch.float32), _logits(n, v, dtype=torch.float32),
+                                   labels, None, spec, (True, False))
+    assert torch.isfinite(row_loss[0]) and torch.isnan(row_loss[1]) and row_loss[2] == 0
+    assert torch.isfinite(grad_s[0]).all() and torch.isnan(grad_s[1]).all() and torch.equal(grad_s[2], torch.zeros(v))
+
+
+def test_kd_loss_fp16_grad_scaler_exact():
+    """fp16, batchmean over 16384 rows and a 65536 loss scale: dL/d(row_loss) = 4 enters the fp32
+    gradient before its one rounding, so it matches float64 to fp16 accuracy."""
+    n, v = 3, 301
+    student, teacher = _logits(n, v, dtype=torch.float16), _logits(n, v, dtype=torch.float16)
+    spec = make_spec(divergence="forward_kl", temperature=2.0, hard_weight=0.0, **LOSS)
+    _, grad_s, _ = _kd_rows(student, teacher, None, None, spec, (True, False), scale=65536.0 / 16384)
+    s64 = _as64(student, True)
+    ref = kd_loss_reference(s64, _as64(teacher), divergence="forward_kl", temperature=2.0, reduction="none", **LOSS)
+    (ref.sum() * 65536.0 / 16384).backward()
+    assert_close(grad_s, s64.grad, torch.float16, "fp16 grad_student")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,6 +372,29 @@ def test_fused_experts_kd_rows_one_gradient(space, need):
                         space=space, need=need)
 
 
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fused_experts_tvd_peaked_rows_exact(space):
+    """TVD against a peaked fused teacher (one expert less, one more confident than the student):
+    student and expert gradients match float64 row by row (split sums, no cancellation)."""
+    n, v = 2, 389
+    student, cols = _peaked(n, v, 20.0)
+    experts = student.expand(2, n, v).clone()
+    experts[0, torch.arange(n), cols] = 17.0
+    experts[1, torch.arange(n), cols] = 22.0
+    experts[:, :, :200] += 0.3 * torch.randn(2, n, 200)
+    spec = make_spec(divergence="tvd", temperature=1.0, hard_weight=0.0, **LOSS)
+    row_loss, _, _, grad_s, grad_e = _cuda.fused_experts_kd_rows_cuda(
+        student, experts, None, None, torch.tensor(1.0), spec, "uniform", space, 1.0, None, True, True)
+    s64, z64 = _as64(student, True), _as64(experts, True)
+    ref = fused_experts_kd_loss_reference(s64, z64, weighting="uniform", space=space, divergence="tvd",
+                                          temperature=1.0, reduction="none", **LOSS)
+    ref.sum().backward()
+    assert_close(row_loss, ref, torch.float32, "row_loss")
+    for row in range(n):
+        assert_close(grad_s[row], s64.grad[row], torch.float32, f"grad_student row {row}")
+        assert_close(grad_e[:, row], z64.grad[:, row], torch.float32, f"grad_experts row {row}")
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_fused_experts_kd_loss_function(reduction):
     """FusedExpertsKDLossFunction on the emulated rows, with grad_output != 1."""
@@ -406,8 +498,14 @@ def test_bindings_reject_bad_inputs_with_value_errors(emulated):
     """csrc/bindings.cpp's TORCH_CHECK_VALUE checks reach Python as ValueErrors naming the problem."""
     s = torch.randn(2, 8)
     with pytest.raises(ValueError, match="teacher must have the student's shape"):
-        emulated.kd_loss_forward(s, torch.randn(2, 9), None, None, torch.tensor(1.0), 0, 1.0, 0.5, 1.0, 0.0,
-                                 IGNORE, True, True, 0)
+        emulated.kd_loss_forward(s, torch.randn(2, 9), None, None, 0, 1.0, 0.5, 1.0, 0.0, IGNORE, 0)
+    _, stats = emulated.kd_loss_forward(s, s, None, None, 0, 1.0, 0.5, 1.0, 0.0, IGNORE, 0)
+    with pytest.raises(ValueError, match="scale must be 0-d or have shape"):
+        emulated.kd_loss_backward(s, s, None, None, stats, torch.ones(3), 0, 1.0, 0.5, 1.0, 0.0, IGNORE, True,
+                                  True, 0)
+    with pytest.raises(ValueError, match="stats must have shape"):
+        emulated.kd_loss_backward(s, s, None, None, stats[:, 1:].contiguous(), torch.ones(()), 0, 1.0, 0.5, 1.0,
+                                  0.0, IGNORE, True, True, 0)
     with pytest.raises(ValueError, match="1 <= K <= 16"):
         emulated.fuse_experts_forward(torch.randn(17, 2, 8), 1.0, 0, 0, 1.0, None, 0)
     with pytest.raises(ValueError, match="unit stride in its last dimension"):
@@ -420,8 +518,7 @@ def test_kernels_are_deterministic():
     student, teacher = _logits(n, v, dtype=torch.bfloat16), _logits(n, v, dtype=torch.bfloat16)
     labels, row_weights = _labels(n, v), _row_weights(n)
     spec = make_spec(divergence="tvd", temperature=2.0, hard_weight=0.5, **LOSS)
-    runs = [_cuda.kd_loss_rows_cuda(student, teacher, labels, row_weights, torch.tensor(GRAD_SCALE), spec,
-                                    True, True) for _ in range(2)]
+    runs = [_kd_rows(student, teacher, labels, row_weights, spec, (True, True)) for _ in range(2)]
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
 

@@ -55,26 +55,42 @@ def _loss_args(spec) -> tuple:
             spec.ignore_index)
 
 
-def kd_loss_rows_cuda(student, teacher, labels, row_weights, grad_scale, spec, need_grad_student,
-                      need_grad_teacher):
-    """The kd_loss rows primitive (see kdengine/ops/kd_loss.py) on kdengine._C.
+def kd_loss_forward_cuda(student, teacher, labels, row_weights, spec):
+    """kd_loss forward on kdengine._C (see ``primitives`` in kdengine/ops/kd_loss.py).
 
     Args:
         student, teacher: [N, V] CUDA logits, same dtype (fp32/bf16/fp16).
-        labels: [N] integer or None; row_weights: [N] float or None.
-        grad_scale: 0-d device tensor, the factor from Σ row_loss to the reduced loss.
-        spec: KDLossSpec. need_grad_student / need_grad_teacher: which gradients to write.
+        labels: [N] integer or None; row_weights: [N] float or None. spec: KDLossSpec.
 
     Returns:
-        (row_loss fp32 [N], grad_student [N, V] | None, grad_teacher [N, V] | None); gradients of
-        Σ row_loss · grad_scale in the logits' dtype.
+        (row_loss fp32 [N], stats fp32 [N, kRowStats]): the row losses and the per-row statistics
+        :func:`kd_loss_backward_cuda` reads.
     """
     labels, row_weights = _row_inputs(labels, row_weights)
     with torch.cuda.device(student.device):
-        return _module().kd_loss_forward(
-            _unit_columns(student), _unit_columns(teacher), labels, row_weights,
-            grad_scale.to(torch.float32), *_loss_args(spec), bool(need_grad_student), bool(need_grad_teacher),
-            _stream(student.device))
+        return _module().kd_loss_forward(_unit_columns(student), _unit_columns(teacher), labels, row_weights,
+                                         *_loss_args(spec), _stream(student.device))
+
+
+def kd_loss_backward_cuda(student, teacher, labels, row_weights, stats, scale, spec, need_grad_student,
+                          need_grad_teacher):
+    """kd_loss backward on kdengine._C: the gradients of Σ_rows scale · row_loss.
+
+    Args:
+        student, teacher, labels, row_weights, spec: as given to :func:`kd_loss_forward_cuda`; stats: its
+            statistics. scale: fp32 device tensor, 0-d or [N], dL/d(row_loss).
+        need_grad_student / need_grad_teacher: which gradients to write.
+
+    Returns:
+        (grad_student [N, V] | None, grad_teacher [N, V] | None) in the logits' dtype, computed in fp32
+        with ``scale`` in and rounded once.
+    """
+    labels, row_weights = _row_inputs(labels, row_weights)
+    with torch.cuda.device(student.device):
+        return _module().kd_loss_backward(
+            _unit_columns(student), _unit_columns(teacher), labels, row_weights, stats,
+            scale.to(torch.float32).contiguous(), *_loss_args(spec), bool(need_grad_student),
+            bool(need_grad_teacher), _stream(student.device))
 
 
 def fuse_experts_cuda(experts, temperature, weighting, space, sharpness, weights):
@@ -101,7 +117,8 @@ def fused_experts_kd_rows_cuda(student, experts, labels, row_weights, grad_scale
 
     Args:
         student: [N, V] CUDA logits; experts: [K, N, V] (K <= 16), same dtype.
-        Other arguments as :func:`kd_loss_rows_cuda` and :func:`fuse_experts_cuda`.
+        labels, row_weights, spec: as :func:`kd_loss_forward_cuda`; grad_scale: 0-d device tensor, the
+        factor from Σ row_loss to the reduced loss; the rest as :func:`fuse_experts_cuda`.
 
     Returns:
         (row_loss fp32 [N], alpha fp32 [N, K], entropy fp32 [N, K], grad_student [N, V] | None,

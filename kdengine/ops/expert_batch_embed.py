@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from kdengine.ops import _backends
-from kdengine.reference.expert_batch_embed import PLACEMENTS, row_tables
+from kdengine.reference.expert_batch_embed import PLACEMENTS, insert_offsets, row_tables
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -112,13 +112,6 @@ def check_values(input_ids, vocab, attention_mask, experts, num_experts, placeme
             "placement='append' needs a right-padded 0/1 attention_mask (ones, then zeros): the "
             "prompt goes right after each example's last real token"
         )
-
-
-def insert_offsets(attention_mask: torch.Tensor, row_example: torch.Tensor, placement: str) -> torch.Tensor:
-    """int64 [R]: the position of the prompt in each row (0 for prepend, n_b for append)."""
-    if placement == "prepend":
-        return torch.zeros_like(row_example)
-    return attention_mask.long().sum(1)[row_example]
 
 
 def source_positions(length: int, plen: int, insert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from kdengine.constants import IGNORE_INDEX
 from kdengine.ops import _backends
 from kdengine.ops.kd_loss import (
     FLOAT_DTYPES,
@@ -45,13 +46,29 @@ from kdengine.ops.kd_loss import (
     check_row_args,
     grad_scale_for,
     make_spec,
-    scale_saved_gradients_once,
 )
 from kdengine.reference.fuse_experts import SPACES, WEIGHTINGS, fuse_experts_reference, fused_log_probs
 from kdengine.reference.kd_loss import kd_loss_rows
 
 # The fused kernels keep the K experts' statistics of a row on chip.
 MAX_KERNEL_EXPERTS = 16
+
+
+def scale_saved_gradients_once(ctx, grad_output, op: str) -> list:
+    """Backward of a gradient-in-forward Function: scale its saved gradients by grad_output in place.
+
+    The gradients' rows are their dim −2 ([N, V] or [K, N, V]); ``reduction="none"`` gives a
+    per-row grad_output [N]. The scale is applied in fp32 and rounded once into the gradient's
+    dtype. In place, so one graph's backward can run only once (no retain_graph re-use).
+    """
+    if ctx.used:
+        raise RuntimeError(f"{op} backward ran twice: its gradients are scaled in place, so "
+                           "retain_graph re-use is not supported; recompute the loss instead")
+    ctx.used = True
+    scale = grad_output.float()
+    if ctx.reduction == "none":
+        scale = scale.unsqueeze(-1)
+    return [None if g is None else g.mul_(scale) for g in ctx.saved_tensors]
 
 
 def check_expert_logits(experts) -> tuple[int, int, int]:
@@ -337,7 +354,7 @@ def fused_experts_kd_loss(student_logits: torch.Tensor, expert_logits: torch.Ten
                           weighting: str = "entropy", space: str = "logit", temperature: float = 1.0,
                           sharpness: float = 1.0, weights: torch.Tensor | None = None,
                           divergence: str = "forward_kl", t2_scale: bool = True, jsd_beta: float = 0.5,
-                          labels: torch.Tensor | None = None, ignore_index: int = -100,
+                          labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                           kd_weight: float = 1.0, hard_weight: float = 0.0,
                           row_weights: torch.Tensor | None = None, reduction: str = "batchmean",
                           normalizer=None, backend: str | None = "auto") -> torch.Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdengine.constants import IGNORE_INDEX
 from kdengine.ops import _backends
 from kdengine.reference.kd_loss import DIVERGENCES, REDUCTIONS, effective_divergence, kd_loss_rows
 
@@ -41,7 +42,7 @@ class KDLossSpec:
     temperature: float = 1.0
     t2_scale: bool = True
     jsd_beta: float = 0.5
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     kd_weight: float = 1.0
     hard_weight: float = 0.0
 
@@ -233,60 +234,69 @@ def _kernel_reasons(name: str, student, teacher, labels, row_weights) -> list[st
     return reasons
 
 
-def rows_primitive(name: str):
-    """The row primitive of a fused backend (imported lazily: Triton/_C only when used)."""
+def primitives(name: str):
+    """(forward, backward) kernels of a fused backend, imported lazily (Triton/_C only when used).
+
+    ``forward(student, teacher, labels, row_weights, spec) -> (row_loss fp32 [N], stats fp32 [N, S])``
+    writes only per-row statistics; ``backward(student, teacher, labels, row_weights, stats, scale,
+    spec, need_grad_student, need_grad_teacher) -> (grad_student | None, grad_teacher | None)``
+    reads the logits again and writes the gradients of Σ_rows scale · row_loss (``scale`` a 0-d
+    or [N] fp32 device tensor) in the logits' dtypes.
+    """
     if name == "triton":
-        from kdengine.kernels.kd_loss import kd_loss_rows_triton  # noqa: PLC0415
+        from kdengine.kernels.kd_loss import kd_loss_backward_triton, kd_loss_forward_triton  # noqa: PLC0415
 
-        return kd_loss_rows_triton
+        return kd_loss_forward_triton, kd_loss_backward_triton
     if name == "cuda":
-        from kdengine.ops._cuda import kd_loss_rows_cuda  # noqa: PLC0415
+        from kdengine.ops._cuda import kd_loss_backward_cuda, kd_loss_forward_cuda  # noqa: PLC0415
 
-        return kd_loss_rows_cuda
+        return kd_loss_forward_cuda, kd_loss_backward_cuda
     raise ValueError(name)
 
 
+def rows_primitive(name: str):
+    """Row losses and the gradients of Σ row_loss · grad_scale in one call (linear_kd_loss's chunks):
+    the backend's forward, then its backward with ``scale = grad_scale``."""
+    forward, backward = primitives(name)
+
+    def rows(student, teacher, labels, row_weights, grad_scale, spec, need_grad_student, need_grad_teacher):
+        row_loss, stats = forward(student, teacher, labels, row_weights, spec)
+        grad_s, grad_t = backward(student, teacher, labels, row_weights, stats, grad_scale, spec,
+                                  need_grad_student, need_grad_teacher)
+        return row_loss, grad_s, grad_t
+
+    return rows
+
+
 class KDLossFunction(torch.autograd.Function):
-    """Fused backends: reduce the rows of the primitive; backward scales the gradients it wrote
-    in forward, in place (so the backward of one loss can run only once)."""
+    """Fused backends, recompute-in-backward: the forward keeps the logits (saved, not copied) and
+    fp32 row statistics; the backward re-reads the logits and writes each gradient once, already
+    scaled by grad_output (fp32 math, one rounding; exact under fp16 loss scaling). No [N, V]
+    tensor lives between forward and backward, and the backward can run more than once."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, row_weights, grad_scale, spec, reduction, primitive):
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        row_loss, grad_s, grad_t = primitive(student, teacher, labels, row_weights, grad_scale, spec, need_s, need_t)
-        ctx.reduction = reduction
-        ctx.used = False
-        ctx.save_for_backward(grad_s, grad_t)
+    def forward(ctx, student, teacher, labels, row_weights, grad_scale, spec, reduction, kernels):
+        forward, ctx.backward_kernel = kernels
+        row_loss, stats = forward(student, teacher, labels, row_weights, spec)
+        ctx.spec, ctx.reduction = spec, reduction
+        ctx.save_for_backward(student, teacher, labels, row_weights, grad_scale, stats)
         if reduction == "none":
             return row_loss
         return row_loss.sum() * grad_scale
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_s, grad_t = scale_saved_gradients_once(ctx, grad_output, "kd_loss")
+        student, teacher, labels, row_weights, grad_scale, stats = ctx.saved_tensors
+        # dL/d(row_loss): grad_output [N] (reduction="none") or grad_output · grad_scale (0-d).
+        scale = grad_output if ctx.reduction == "none" else grad_output * grad_scale
+        grad_s, grad_t = ctx.backward_kernel(student, teacher, labels, row_weights, stats, scale.float(), ctx.spec,
+                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_s, grad_t, None, None, None, None, None, None
-
-
-def scale_saved_gradients_once(ctx, grad_output, op: str) -> list:
-    """Backward of a gradient-in-forward Function: scale its saved gradients by grad_output in place.
-
-    The gradients' rows are their dim −2 ([N, V] or [K, N, V]); ``reduction="none"`` gives a
-    per-row grad_output [N]. The scale is applied in fp32 and rounded once into the gradient's
-    dtype. In place, so one graph's backward can run only once (no retain_graph re-use).
-    """
-    if ctx.used:
-        raise RuntimeError(f"{op} backward ran twice: its gradients are scaled in place, so "
-                           "retain_graph re-use is not supported; recompute the loss instead")
-    ctx.used = True
-    scale = grad_output.float()
-    if ctx.reduction == "none":
-        scale = scale.unsqueeze(-1)
-    return [None if g is None else g.mul_(scale) for g in ctx.saved_tensors]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "forward_kl",
             temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
-            labels: torch.Tensor | None = None, ignore_index: int = -100, kd_weight: float = 1.0,
+            labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, kd_weight: float = 1.0,
             hard_weight: float = 0.0, row_weights: torch.Tensor | None = None, reduction: str = "batchmean",
             normalizer=None, backend: str | None = "auto") -> torch.Tensor:
     """Temperature-softmax distillation loss, fused forward and backward.
@@ -325,4 +335,4 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, diver
         return KDLossTorchFunction.apply(student_logits, teacher_logits, labels, row_weights, grad_scale, spec,
                                          reduction)
     return KDLossFunction.apply(student_logits, teacher_logits, labels, row_weights, grad_scale, spec,
-                                reduction, rows_primitive(name))
+                                reduction, primitives(name))

@@ -30,6 +30,7 @@ import numbers
 
 import torch
 
+from kdengine.constants import IGNORE_INDEX
 from kdengine.ops import _backends
 from kdengine.ops.kd_loss import (
     FLOAT_DTYPES,
@@ -314,7 +315,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                    teacher_logits: torch.Tensor | None = None, *, teacher_hidden: torch.Tensor | None = None,
                    teacher_weight: torch.Tensor | None = None, divergence: str = "forward_kl",
                    temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
-                   labels: torch.Tensor | None = None, ignore_index: int = -100, kd_weight: float = 1.0,
+                   labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, kd_weight: float = 1.0,
                    hard_weight: float = 0.0, row_weights: torch.Tensor | None = None,
                    reduction: str = "batchmean", normalizer=None, chunk_size: int | None = None,
                    backend: str | None = "auto") -> torch.Tensor:

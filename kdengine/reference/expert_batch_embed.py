@@ -24,6 +24,13 @@ import torch
 PLACEMENTS = ("prepend", "append")
 
 
+def insert_offsets(attention_mask: torch.Tensor, row_example: torch.Tensor, placement: str) -> torch.Tensor:
+    """int64 [R]: the position of the prompt in each row (0 for prepend, n_b for append)."""
+    if placement == "prepend":
+        return torch.zeros_like(row_example)
+    return attention_mask.long().sum(1)[row_example]
+
+
 def row_tables(
     batch: int, num_experts: int, experts: torch.Tensor | None, device
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,10 @@ Per row, with p = softmax(teacher / T) and q = softmax(student / T):
 
     row loss = row_weight · [kd_weight · (T² if t2_scale) · D + hard_weight · CE(student at T=1, label)]
 
-Rows whose label equals ``ignore_index`` contribute 0. Terms weighted by a zero probability
-(−inf logits: a masked or padded vocabulary) contribute 0 (0·log 0 = 0), with finite gradients.
+Rows whose label equals ``ignore_index`` contribute 0. With ``hard_weight != 0`` a label outside
+[0, V) that is not ``ignore_index`` makes that row's loss and student gradient NaN. Terms weighted
+by a zero probability (−inf logits: a masked or padded vocabulary) contribute 0 (0·log 0 = 0),
+with finite gradients.
 Memory: several [N, V] temporaries; this is the oracle, not the fast path.
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from kdengine.constants import IGNORE_INDEX
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -60,6 +64,47 @@ def _weighted_log_ratio(log_w: torch.Tensor, log_other: torch.Tensor) -> torch.T
     return terms.sum(-1)
 
 
+def _tvd_centered(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """g − Σ_v w_v g_v per row for a distribution w and g = ½ sign(p − q), from the sums of w split
+    by the sign of g (W₊, W₋, W₀): W₋ + W₀/2 where g = ½, −(W₊ + W₀/2) where g = −½, (W₋ − W₊)/2
+    where g = 0. Positive terms only: in a peaked row g − Σ w g is ~1e-6 and the plain difference
+    of two O(1) numbers loses it."""
+    plus = torch.where(g > 0, w, 0.0).sum(-1, keepdim=True)
+    minus = torch.where(g < 0, w, 0.0).sum(-1, keepdim=True)
+    zero = torch.where(g == 0, w, 0.0).sum(-1, keepdim=True)
+    return torch.where(g > 0, minus + 0.5 * zero, torch.where(g < 0, -(plus + 0.5 * zero), 0.5 * (minus - plus)))
+
+
+class TVDRows(torch.autograd.Function):
+    """½ Σ |p − q| per row, p = softmax(u_t), q = softmax(u_s), exact in the inputs' dtype.
+
+    Σ p = Σ q makes the two sides of the sum equal: D = Σ_{p>q} (p − q) = Σ_{p<q} (q − p). The side
+    with the smaller mass (Σ_{p>q} p vs Σ_{p<q} q) is summed, so a peaked column's 1 − 1 never
+    enters D. Gradients (w.r.t. u, through the softmax): dD/du_s = −q (g − Σ q g) and
+    dD/du_t = p (g − Σ p g), g = ½ sign(p − q), each from sums split by the sign of g
+    (:func:`_tvd_centered`). The fused kernels use the same algebra.
+    """
+
+    @staticmethod
+    def forward(ctx, u_t, u_s):
+        log_p = torch.log_softmax(u_t, dim=-1)
+        log_q = torch.log_softmax(u_s, dim=-1)
+        p, q = log_p.exp(), log_q.exp()
+        g = 0.5 * ((log_p > log_q).to(p.dtype) - (log_p < log_q).to(p.dtype))
+        d_plus = torch.where(g > 0, p - q, 0.0).sum(-1)
+        d_minus = torch.where(g < 0, q - p, 0.0).sum(-1)
+        p_plus = torch.where(g > 0, p, 0.0).sum(-1)
+        q_minus = torch.where(g < 0, q, 0.0).sum(-1)
+        ctx.save_for_backward(p, q, g)
+        return torch.where(p_plus <= q_minus, d_plus, d_minus)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, q, g = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        return grad * p * _tvd_centered(g, p), -grad * q * _tvd_centered(g, q)
+
+
 def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, *, divergence: str,
                     temperature: float = 1.0, jsd_beta: float = 0.5) -> torch.Tensor:
     """D per row, [N, V] × [N, V] -> [N], computed in the inputs' dtype (use float64 for truth)."""
@@ -79,7 +124,7 @@ def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, *, divergence:
     if divergence == "soft_ce":
         return _weighted_log_ratio(log_p, log_q) - _weighted_log_ratio(log_p, torch.zeros_like(log_p))
     if divergence == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        return TVDRows.apply(teacher / temperature, student / temperature)
     if divergence == "jsd":
         beta = jsd_beta
         # log m = log(β p + (1−β) q); columns where both are 0 stay −inf without NaN gradients.
@@ -98,7 +143,7 @@ def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, *, divergence:
 def kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
                  row_weights: torch.Tensor | None = None, *, divergence: str = "forward_kl",
                  temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
-                 ignore_index: int = -100, kd_weight: float = 1.0, hard_weight: float = 0.0) -> torch.Tensor:
+                 ignore_index: int = IGNORE_INDEX, kd_weight: float = 1.0, hard_weight: float = 0.0) -> torch.Tensor:
     """Row losses [N] (before reduction) in the dtype of the inputs; differentiable by autograd."""
     d = divergence_rows(student, teacher, divergence=divergence, temperature=temperature, jsd_beta=jsd_beta)
     scale = kd_weight
@@ -109,8 +154,12 @@ def kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
         valid = labels != ignore_index
         if hard_weight != 0.0:
             log_q1 = torch.log_softmax(student, dim=-1)
-            target = torch.where(valid, labels, torch.zeros_like(labels)).long()
+            in_range = (labels >= 0) & (labels < student.shape[-1])
+            target = torch.where(valid & in_range, labels, torch.zeros_like(labels)).long()
             ce = -log_q1.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            # A label outside [0, V) that is not ignore_index: the row's loss and its student
+            # gradient are NaN (every backend does the same; checking values would sync the host).
+            ce = ce * torch.where(in_range | ~valid, 1.0, math.nan).to(ce.dtype)
             loss = loss + hard_weight * ce
         loss = torch.where(valid, loss, torch.zeros_like(loss))
     if row_weights is not None:
@@ -137,7 +186,7 @@ def reduce_rows(row_loss: torch.Tensor, *, reduction: str, n_valid, vocab_size: 
 
 def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, *, divergence: str = "forward_kl",
                       temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
-                      labels: torch.Tensor | None = None, ignore_index: int = -100, kd_weight: float = 1.0,
+                      labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, kd_weight: float = 1.0,
                       hard_weight: float = 0.0, row_weights: torch.Tensor | None = None,
                       reduction: str = "batchmean", normalizer=None) -> torch.Tensor:
     """Unfused, unchunked ``kd_loss`` with the same options: the oracle for every backend."""

@@ -241,6 +241,48 @@ def test_torch_backend_chunks_rows(monkeypatch):
         finite_part_close(a, b, FP32, name)
 
 
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_tvd_peaked_rows_exact(backend, space):
+    """TVD against a peaked fused teacher: the student and expert gradients sum the two sides of
+    p̄ > q and p̄ < q apart (no q (Σ q g − g) cancellation) and match float64 to fp32 accuracy."""
+    device = device_for(backend)
+    n, v = 3, 1031
+    student = torch.randn(n, v)
+    peak = torch.randint(v, (n,))
+    student[torch.arange(n), peak] = 20.0
+    experts = student.expand(2, n, v).clone()
+    experts[0, torch.arange(n), peak] = 17.0  # less confident than the student
+    experts[1, torch.arange(n), peak] = 22.0  # more confident
+    experts[:, :, :400] += 0.3 * torch.randn(2, n, 400)
+    s = student.to(device).requires_grad_()
+    z = experts.to(device).requires_grad_()
+    opts = dict(divergence="tvd", space=space, weighting="uniform", reduction="sum")
+    loss = fused_experts_kd_loss(s, z, backend=backend, **opts)
+    s64 = student.detach().double().requires_grad_()
+    z64 = experts.detach().double().requires_grad_()
+    want = fused_experts_kd_loss_reference(s64, z64, **opts)
+    assert_close(loss.cpu(), want.detach(), FP32, "loss")
+    loss.backward(torch.tensor(2.0, device=device))
+    want.backward(torch.tensor(2.0, dtype=torch.float64))
+    for row in range(n):  # row-relative: a row's gradients are as small as its δ
+        assert_close(s.grad[row].cpu(), s64.grad[row], FP32, f"student grad row {row}")
+        assert_close(z.grad[:, row].cpu(), z64.grad[:, row], FP32, f"expert grad row {row}")
+
+
+def test_out_of_range_label_gives_nan_row(backend):
+    """A hard label outside [0, V) that is not ignore_index: NaN row loss and student gradient."""
+    device = device_for(backend)
+    experts, student = make_logits(2, 3, 29, FP32, masked=False, seed=3, device=device)
+    s = student.requires_grad_(True)
+    labels = torch.tensor([4, 29, IGNORE], device=device)
+    loss = fused_experts_kd_loss(s, experts, labels=labels, hard_weight=0.5, reduction="none", backend=backend)
+    rows = loss.detach().cpu()
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1]) and rows[2] == 0
+    loss.backward(torch.ones(3, device=device))
+    grad = s.grad.cpu()
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all() and torch.equal(grad[2], torch.zeros(29))
+
+
 def test_fused_backend_backward_runs_once():
     require_backend("triton")
     experts, student = make_logits(2, 2, 17, FP32, masked=False, seed=1, device=device_for("triton"))
