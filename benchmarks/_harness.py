@@ -6,11 +6,16 @@ stored the same way:
 * :func:`env_info`          device name, versions, git commit and a timestamp (stored with results).
 * :func:`time_ms`           median / p20 / p80 milliseconds of a call. CUDA: ``triton.testing.do_bench``
                             (CUDA events, L2 flushed between calls); CPU: a ``time.perf_counter`` loop.
+* :func:`pct_of_floor`      achieved bandwidth as a percentage of the GPU's measured HBM bandwidth.
 * :func:`peak_extra_bytes`  memory a call needs on top of what already exists (its inputs). CUDA:
                             ``torch.cuda.max_memory_allocated`` delta. CPU: resident-set high-water
                             mark delta (see the function; torch CPU tensors are invisible to tracemalloc
                             and torch keeps no CPU peak counter).
 * :func:`write_results`     ``<out_dir>/<name>-<device>.csv`` and ``.json`` with :func:`env_info`.
+* :class:`ResultRows`       the rows of a benchmark: a list that also appends each row, as soon as
+                            it is measured, to the JSON-lines file named by ``KDENGINE_BENCH_ROWS``
+                            (benchmarks/gpu_session.sh sets it), so a run cut short by a timeout
+                            still leaves every number it measured.
 * :func:`print_table`       fixed-width table on stdout.
 
 Only torch and the standard library are imported here (no data libraries); triton is imported
@@ -103,6 +108,21 @@ def env_info(device=None) -> dict:
         git_dirty=None if dirty is None else bool(dirty),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+# Measured HBM bandwidth (device-to-device copy, read + write counted) by GPU name: the denominator
+# of "% of the bandwidth floor". ../shared/docs/kernels.md §1: H200 ~4.3 TB/s.
+HBM_BYTES_PER_S = {"H200": 4.3e12}
+
+
+def pct_of_floor(gbps: float, device) -> float | None:
+    """Achieved GB/s as a percentage of the device's measured bandwidth (None when unknown, e.g. CPU)."""
+    dev = _resolve_device(device)
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    peak = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    return None if peak is None else 100.0 * gbps * 1e9 / peak
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -248,6 +268,39 @@ def _atomic_write(path: str, write: Callable) -> None:
     os.replace(tmp, path)
 
 
+class ResultRows(list):
+    """A benchmark's result rows; with ``KDENGINE_BENCH_ROWS`` set, every row appended (``append``,
+    ``extend``, ``+=``) is also written at once, flushed, to that JSON-lines file as
+    ``{"bench": <bench>, **row}``."""
+
+    def __init__(self, bench: str):
+        super().__init__()
+        self.bench = bench
+        self.path = os.environ.get("KDENGINE_BENCH_ROWS") or None
+
+    def _stream(self, rows) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"bench": self.bench, **row}, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, row: dict) -> None:
+        self._stream([row])
+        super().append(row)
+
+    def extend(self, rows) -> None:
+        rows = list(rows)
+        self._stream(rows)
+        super().extend(rows)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+
 def write_results(name: str, rows: list[dict], out_dir: str = "benchmarks/results", *,
                   device=None) -> tuple[str, str]:
     """Write ``rows`` to ``<out_dir>/<name>-<device>.csv`` and ``.json``; returns both paths.
@@ -324,14 +377,15 @@ def loss_bench_args(doc: str, parse_size: Callable[[str], tuple], size_help: str
     return parser.parse_args(argv)
 
 
-def run_providers(names: Sequence[str], provider_fn: Callable, sizes: Sequence[tuple], measure_one: Callable,
-                  device: str, quick: bool) -> tuple[list[dict], list[dict]]:
-    """Measure every provider at every size; returns (rows, skipped rows with the reason).
+def run_providers(bench: str, names: Sequence[str], provider_fn: Callable, sizes: Sequence[tuple],
+                  measure_one: Callable, device: str, quick: bool) -> tuple[list[dict], list[dict]]:
+    """Measure every provider at every size; returns (rows, skipped rows with the reason), both
+    :class:`ResultRows` of ``bench`` (streamed as measured).
 
     ``provider_fn(name, device, quick) -> (loss_fn | None, reason)``;
     ``measure_one(name, loss_fn, size) -> list[dict]``.
     """
-    rows, skipped = [], []
+    rows, skipped = ResultRows(bench), ResultRows(bench)
     for name in names:
         loss_fn, reason = provider_fn(name, device, quick)
         if loss_fn is None:

@@ -24,12 +24,13 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from benchmarks._harness import print_table, time_ms, write_results
+from benchmarks._harness import ResultRows, print_table, time_ms, write_results
 from kdengine.experts.shared_input import choose_layout, project, shared_input_forward
 
 # CPU: small models (4 layers, H=256); GPU: a mid-size model that keeps the H200 busy.
 SIZES = {
     "cpu": dict(layers=4, hidden=256, heads=4, vocab=8192, batch=2, x_len=64, prompt_len=8, dtype=torch.float32),
+    "cpu-quick": dict(layers=2, hidden=64, heads=2, vocab=512, batch=2, x_len=16, prompt_len=4, dtype=torch.float32),
     "cuda": dict(layers=8, hidden=1024, heads=16, vocab=32000, batch=8, x_len=512, prompt_len=16,
                  dtype=torch.bfloat16),
 }
@@ -108,11 +109,11 @@ def run(device: str, quick: bool, passes: list[str]) -> list[dict]:
     other processes hits all paths alike; ms_p20/p50/p80 are over rounds and ``ratio_vs_batched``
     is the median of per-round ratios. CUDA: one ``time_ms`` (do_bench) per path, ratio of p50s.
     """
-    size = SIZES[device]
+    size = SIZES[device + ("-quick" if quick and device == "cpu" else "")]
     k = 8
     rounds = (2 if quick else 4) if device == "cpu" else 1
     timing = dict(warmup=0, rep=1) if device == "cpu" else {}
-    rows = []
+    rows = ResultRows("expert_forward")
     for arch in ("gpt2", "llama"):
         model = build_model(arch, size, device)
         gen = torch.Generator(device="cpu").manual_seed(1)
@@ -153,11 +154,12 @@ def run(device: str, quick: bool, passes: list[str]) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (CPU: a tiny model; a smoke run)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pass", dest="passes", choices=("fwd", "fwd_bwd", "both"), default="both")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: stable ratios on a shared machine)")
+    parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
@@ -167,7 +169,8 @@ def main(argv=None) -> None:
     rows = run(args.device, args.quick, passes)
     print_table(rows, ["arch", "mode", "pass_", "path", "auto_layout", "processed_tokens", "ms_p50",
                        "tokens_per_s", "ratio_vs_batched"])
-    csv_path, json_path = write_results("expert_forward", rows, device=args.device)
+    csv_path, json_path = write_results("expert_forward" + ("_quick" if args.quick else ""), rows, args.out_dir,
+                                        device=args.device)
     print(f"wrote {csv_path} and {json_path}")
 
 

@@ -30,7 +30,7 @@ import argparse
 
 import torch
 
-from benchmarks._harness import peak_extra_bytes, print_table, time_ms, write_results
+from benchmarks._harness import ResultRows, peak_extra_bytes, print_table, time_ms, write_results
 from kdengine.ops import _backends
 from kdengine.ops.fuse_experts import fused_experts_kd_loss
 from kdengine.reference.fuse_experts import fused_experts_kd_loss_reference
@@ -47,11 +47,11 @@ BACKENDS = ("torch", "triton", "cuda")
 
 
 def make_inputs(k, n, v, dtype, device):
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # generated on the device: no host copy
     experts = torch.empty(k, n, v, dtype=dtype, device=device)
     for e in range(k):  # one expert at a time: no [K, N, V] fp32 temporary while building
-        experts[e] = (torch.randn(n, v, generator=gen) * (1.0 + e)).to(device, dtype)
-    student = torch.randn(n, v, generator=gen).to(device, dtype)
+        experts[e] = (torch.randn(n, v, generator=gen, device=device) * (1.0 + e)).to(dtype)
+    student = torch.randn(n, v, generator=gen, device=device).to(dtype)
     return student, experts
 
 
@@ -100,7 +100,7 @@ def measure(fn, device, *, memory: bool, timing: bool, quick: bool) -> dict:
 
 
 def run(device: str, quick: bool) -> list[dict]:
-    rows = []
+    rows = ResultRows("fuse_experts")
     for k, n, v, dtype, memory, timing in SIZES[device + ("-quick" if quick else "")]:
         student, experts = make_inputs(k, n, v, dtype, device)
         floor_bytes = (k + 2) * n * v * student.element_size()
@@ -137,12 +137,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = run(args.device, args.quick)
     print_table(rows, ["provider", "space", "K", "N", "V", "dtype", "ms", "ms_p20", "ms_p80", "GB/s",
                        "speedup", "peak_mb", "mem_ratio", "status"])
-    csv_path, json_path = write_results("fuse_experts" + ("_quick" if args.quick else ""), rows)
+    csv_path, json_path = write_results("fuse_experts" + ("_quick" if args.quick else ""), rows, args.out_dir,
+                                        device=args.device)
     print(f"results: {csv_path} {json_path}")
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from benchmarks._harness import (
     loss_bench_args,
+    pct_of_floor,
     peak_extra_bytes,
     print_table,
     run_providers,
@@ -62,8 +63,9 @@ SIZES = {
 }
 PROVIDERS = ("eager", "compile", "kd_loss[torch]", "kd_loss[triton]", "kd_loss[cuda]", "liger_kl",
              "liger_jsd")
-COLUMNS = ["provider", "mode", "N", "V", "dtype", "ms", "ms_p20", "ms_p80", "GB/s", "speedup", "peak_MB",
-           "mem_ratio", "loss_rel_err", "status"]
+COLUMNS = ["provider", "mode", "N", "V", "dtype", "ms", "ms_p20", "ms_p80", "GB/s", "pct_floor", "speedup",
+           "peak_MB", "mem_ratio", "loss_rel_err", "grad_err", "status"]
+GRAD_CHECK_ROWS = 64  # rows whose gradient is compared with float64 eager
 
 
 def eager_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -119,9 +121,9 @@ def provider_fn(name: str, device: str, quick: bool):
 
 
 def make_inputs(n: int, v: int, dtype, device):
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    student = (torch.randn(n, v, generator=gen) * 3).to(device, dtype).requires_grad_()
-    teacher = (torch.randn(n, v, generator=gen) * 3).to(device, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # generated on the device: no host copy
+    student = (torch.randn(n, v, generator=gen, device=device) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(n, v, generator=gen, device=device) * 3).to(dtype)
     return student, teacher
 
 
@@ -148,16 +150,28 @@ def measure(name, loss_fn, n, v, dtype, device, reps, memory: bool) -> list[dict
     except torch.OutOfMemoryError:
         return [dict(base, mode=mode, status="OOM") for mode in ("forward", "backward", "full")]
     floor_bytes = 3 * n * v * student.element_size()
+    gbps = floor_bytes / (full["p50"] * 1e-3) / 1e9
     rows = [
         dict(base, mode="forward", ms=fwd["p50"], ms_p20=fwd["p20"], ms_p80=fwd["p80"], status="ok"),
         dict(base, mode="backward", ms=full["p50"] - fwd["p50"], status="ok (full - forward)"),
         dict(base, mode="full", ms=full["p50"], ms_p20=full["p20"], ms_p80=full["p80"],
-             **{"GB/s": floor_bytes / (full["p50"] * 1e-3) / 1e9},
-             peak_MB=None if peak is None else peak / 2 ** 20, status="ok"),
+             **{"GB/s": gbps}, pct_floor=pct_of_floor(gbps, device),
+             peak_MB=None if peak is None else peak / 2 ** 20, grad_err=grad_error(loss_fn, student, teacher),
+             status="ok"),
     ]
     for row in rows:
         row["loss"] = loss_value
     return rows
+
+
+def grad_error(loss_fn, student, teacher) -> float:
+    """max |dL/ds − float64 truth| / max |truth| on the first GRAD_CHECK_ROWS rows."""
+    s = student.detach()[:GRAD_CHECK_ROWS].clone().requires_grad_()
+    t = teacher[:GRAD_CHECK_ROWS]
+    loss_fn(s, t).backward()
+    s64 = s.detach().double().requires_grad_()
+    eager_kl(s64, t.double()).backward()
+    return ((s.grad.double() - s64.grad).abs().max() / s64.grad.abs().max()).item()
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -218,7 +232,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sizes = args.sizes or SIZES[device + ("-quick" if args.quick else "")]
     reps = (None, None) if device == "cuda" else ((1, 2) if args.quick else (1, 3))
-    rows, skipped = run_providers(args.providers, provider_fn, sizes,
+    rows, skipped = run_providers("kd_loss", args.providers, provider_fn, sizes,
                                   lambda name, fn, size: measure(name, fn, *size, dtype, device, reps, memory=True), device, args.quick)
     add_ratios(rows)
     print_table(rows, COLUMNS, title=f"kd_loss, forward KL T={TEMPERATURE}, {device}")

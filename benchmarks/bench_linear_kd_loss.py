@@ -103,11 +103,11 @@ def provider_fn(name: str, device: str, quick: bool):
 
 def make_inputs(n, h, ht, v, dtype, device):
     """Hidden states σ = 1 and weights scaled so both models' logits have σ ≈ 3."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) * (3 / h ** 0.5)).to(device, dtype).requires_grad_()
-    t_hidden = torch.randn(n, ht, generator=gen).to(device, dtype)
-    t_weight = (torch.randn(v, ht, generator=gen) * (3 / ht ** 0.5)).to(device, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # generated on the device: no host copy
+    hidden = torch.randn(n, h, generator=gen, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen, device=device) * (3 / h ** 0.5)).to(dtype).requires_grad_()
+    t_hidden = torch.randn(n, ht, generator=gen, device=device).to(dtype)
+    t_weight = (torch.randn(v, ht, generator=gen, device=device) * (3 / ht ** 0.5)).to(dtype)
     return hidden, weight, t_hidden, t_weight
 
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sizes = args.sizes or SIZES[device + ("-quick" if args.quick else "")]
     reps = (None, None) if device == "cuda" else ((1, 2) if args.quick else (1, 3))
-    rows, skipped = run_providers(args.providers, provider_fn, sizes,
+    rows, skipped = run_providers("linear_kd_loss", args.providers, provider_fn, sizes,
                                   lambda name, fn, size: measure(name, fn, size, dtype, device, reps), device, args.quick)
     add_ratios(rows)
     print_table(rows, COLUMNS, title=f"linear_kd_loss, forward KL T={TEMPERATURE}, {device}")

@@ -29,7 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchmarks._harness import print_table, time_ms, write_results
+from benchmarks._harness import ResultRows, print_table, time_ms, write_results
 
 TEMPERATURE = 4.0
 
@@ -148,7 +148,7 @@ def _measure(method_name: str, args, cfg, inputs, teacher, new_student, batch, w
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
     parser.add_argument("--methods", default="no_kd,vanilla_kd")
@@ -156,16 +156,17 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",")
                if m != "pee_kd" or importlib.util.find_spec("kdengine.methods.pee_kd") is not None]
-    rows = []
+    rows = ResultRows("train_step")
     with tempfile.TemporaryDirectory() as workdir:
         cfg, inputs, teacher, new_student, batch = _setup(args, workdir)
         for name in methods:
             rows += _measure(name, args, cfg, inputs, teacher, new_student, batch, workdir)
     print_table(rows, ["method", "provider", "ms", "p20", "p80", "overhead"])
-    write_results(f"train_step-{args.model}", rows)
+    write_results(f"train_step-{args.model}", rows, args.out_dir, device=args.device)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The benchmark harness and the kd_loss / linear_kd_loss benchmarks in --quick CPU mode.
+"""The benchmark harness, the kd_loss / linear_kd_loss benchmarks in --quick CPU mode, and the GPU
+session script in --dry-run mode.
 
 The benchmarks run in this process (``main(argv)``) at tiny sizes with results written to a
 temporary folder; the assertions check that the result files exist and hold measured rows, the
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -95,3 +99,29 @@ def test_bench_linear_kd_loss_quick(tmp_path):
         assert row["ms"] > 0 and row["TFLOP/s"] > 0 and row["peak_MB"] > 0
         assert row["loss_rel_err"] < 1e-5
     assert any(r["provider"] == "trl_chunked" and r["status"].startswith("skipped") for r in data["rows"])
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="benchmarks/gpu_session.sh needs bash and coreutils' timeout")
+def test_gpu_session_dry_run(tmp_path):
+    """bash benchmarks/gpu_session.sh --dry-run runs every step of the GPU session on CPU at tiny sizes:
+    rows are streamed to rows.jsonl as measured, every benchmark leaves its result files under $OUT
+    (never under benchmarks/results), and the traffic table is printed."""
+    out = tmp_path / "session"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    before = sorted(os.listdir(_harness.REPO_ROOT + "/benchmarks/results"))
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--dry-run"], cwd=_harness.REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "all steps passed" in (out / "summary.txt").read_text()
+    with open(out / "rows.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert {"kd_loss", "linear_kd_loss", "fuse_experts", "expert_forward", "train_step"} <= {r["bench"] for r in rows}
+    full = [r for r in rows if r["bench"] == "kd_loss" and r.get("mode") == "full"]
+    assert full and {"ms", "GB/s", "pct_floor", "peak_MB", "grad_err"} <= set(full[0])
+    assert all(r["grad_err"] < 1e-4 for r in full)
+    for name in ("kd_loss_quick", "linear_kd_loss_quick", "fuse_experts_quick", "expert_forward_quick",
+                 "train_step-tiny"):
+        assert (out / "results" / f"{name}-cpu.json").exists(), name
+    assert "| kd_loss | forward_kl | bfloat16 |" in (out / "logs" / "traffic.log").read_text()
+    assert sorted(os.listdir(_harness.REPO_ROOT + "/benchmarks/results")) == before
