@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from kdengine.constants import IGNORE_INDEX
 
 
 def _as_int_array(name: str, values) -> np.ndarray:

@@ -153,3 +153,27 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 def model_inputs(batch: dict) -> dict:
     """The model inputs of a collated batch (no labels: methods compute their own losses)."""
     return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+
+
+def save_trainable(module: torch.nn.Module, path: str) -> None:
+    """The trainable parameters of ``module`` (``requires_grad``; names as ``named_parameters``)
+    as one safetensors file: what a stage changes, without the frozen parts it rebuilds."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    state = {name: p.detach().cpu().contiguous().clone() for name, p in module.named_parameters() if p.requires_grad}
+    save_file(state, path)
+
+
+def load_trainable(module: torch.nn.Module, path: str) -> None:
+    """Load what :func:`save_trainable` wrote into ``module`` (ValueError on a name it does not have)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    state = load_file(path)
+    params = dict(module.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"{path}: parameters {unknown[:5]} are not in {type(module).__name__}; the file was "
+                         "saved from a different module or options")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))

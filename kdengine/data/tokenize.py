@@ -3,7 +3,7 @@
 Items of the tokenized dataset::
 
     {"input_ids": list[int], "attention_mask": list[int], "labels": int | list[int],
-     "example_id": int, ["token_type_ids": list[int]]}
+     "example_id": int, ["token_type_ids": list[int]], ["domain": int]}
 
 * ``example_id`` is the example's index in its split, so a method can key per-example data.
 * ``token_type_ids`` is present when the tokenizer produces it (BERT-style segment ids for
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from kdengine.constants import IGNORE_INDEX
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -57,7 +57,7 @@ def _continuation_ids(label_names: list[str] | None) -> dict[int, int]:
     }
 
 
-def _tokenize_sequence_classification(examples, tokenizer, max_seq_length) -> list[dict]:
+def _tokenize_sequence_classification(examples, tokenizer, max_seq_length, domain_names) -> list[dict]:
     has_pair = [ex.get("text_pair") is not None for ex in examples]
     if any(has_pair) and not all(has_pair):
         raise ValueError(
@@ -72,6 +72,11 @@ def _tokenize_sequence_classification(examples, tokenizer, max_seq_length) -> li
         item = {key: encoded[key][i] for key in encoded.keys()}
         item["labels"] = IGNORE_INDEX if ex.get("label") is None else int(ex["label"])
         item["example_id"] = i
+        if domain_names is not None:
+            if ex.get("domain") not in domain_names:
+                raise ValueError(f"example {i}: domain {ex.get('domain')!r} is not one of the domains {domain_names} "
+                                 "(every example needs a domain of the training split)")
+            item["domain"] = domain_names.index(ex["domain"])
         items.append(item)
     return items
 
@@ -124,6 +129,7 @@ def tokenize_split(
     *,
     label_all_tokens: bool = False,
     label_names: list[str] | None = None,
+    domain_names: list[str] | None = None,
 ) -> TokenizedDataset:
     """Tokenize one split (a list of TaskData examples) with ``tokenizer.__call__``.
 
@@ -131,13 +137,15 @@ def tokenize_split(
     a fast tokenizer and aligns tag ids to words with ``word_ids``. With ``label_all_tokens`` the
     continuation sub-tokens get the word's tag too (as in the Hugging Face NER example); pass
     ``label_names`` to turn a B-X there into I-X, so that seqeval does not count extra entities.
-    Evaluate with ``label_all_tokens=False``: then exactly one label per (kept) word.
+    Evaluate with ``label_all_tokens=False``: then exactly one label per (kept) word. With
+    ``domain_names`` (sequence classification), each item also gets ``domain``: the index of its
+    example's domain in that list (ValueError for a domain outside it).
     """
     _check_common(task, max_seq_length)
     if not examples:
         raise ValueError("tokenize_split got an empty split")
     if task == "sequence_classification":
-        items = _tokenize_sequence_classification(examples, tokenizer, max_seq_length)
+        items = _tokenize_sequence_classification(examples, tokenizer, max_seq_length, domain_names)
     else:
         items = _tokenize_token_classification(
             examples, tokenizer, max_seq_length, label_all_tokens, label_names
@@ -151,7 +159,7 @@ def make_collate_fn(tokenizer, task: str):
     Right padding with the tokenizer's pad token (``attention_mask`` 0 and, for token
     classification, ``labels`` -100 on padding). Built on transformers' ``DataCollatorWithPadding``
     / ``DataCollatorForTokenClassification``. Shapes: ``input_ids``, ``attention_mask``
-    (``token_type_ids``) [B, L]; ``labels`` [B] or [B, L]; ``example_id`` [B].
+    (``token_type_ids``) [B, L]; ``labels`` [B] or [B, L]; ``example_id`` and ``domain`` [B].
     """
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 

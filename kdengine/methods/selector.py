@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdengine.constants import IGNORE_INDEX
+
 SELECTOR_CONFIG = "selector_config.json"
 SELECTOR_WEIGHTS = "selector.safetensors"
 
@@ -70,7 +72,7 @@ class ExpertSelector(nn.Module):
 TIE_BREAK = 1e-3
 
 
-def expert_scores(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def expert_scores(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-example reliability of each expert, the selector's training signal.
 
     score_k = mean over the example's labelled positions of 1[expert k correct] · max-probability,

@@ -34,6 +34,7 @@ class TaskInputs:
     train_dataset: object
     eval_dataset: object
     collate_fn: object
+    domain_names: list[str] | None = None   # sorted domains of the training split (None: no domain column)
 
 
 def _log(is_main: bool):
@@ -47,6 +48,7 @@ def _log(is_main: bool):
 def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
     """Refuse an output_dir that holds a different run, or an unfinished one when not resuming."""
     from kdengine.train import checkpoint  # noqa: PLC0415
+    from kdengine.train.stages import unfinished_checkpoints  # noqa: PLC0415
 
     saved_path = os.path.join(cfg.output_dir, "config.yaml")
     if not os.path.isfile(saved_path):
@@ -64,7 +66,8 @@ def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
                          f"{' ...' if len(diffs) > 6 else ''}); use a new --output_dir, or pass "
                          f"--overwrite_output_dir true to replace that run")
     finished = os.path.isfile(os.path.join(cfg.output_dir, "train_results.json"))
-    if not finished and cfg.resume_from_checkpoint is None and checkpoint.list_checkpoints(cfg.output_dir):
+    if not finished and cfg.resume_from_checkpoint is None and (checkpoint.list_checkpoints(cfg.output_dir)
+                                                                or unfinished_checkpoints(cfg.output_dir)):
         raise ValueError(f"output_dir {cfg.output_dir!r} holds checkpoints of an unfinished run; pass "
                          f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir true to restart")
 
@@ -106,10 +109,12 @@ def load_inputs(cfg: TrainConfig, state, log):
     if teacher_src is not None and student_src is not None:
         models.check_tokenizers(models.load_tokenizer(teacher_src, "teacher_model_name_or_path"), tokenizer)
     label_names = data.label_names
+    domains = sorted({ex["domain"] for ex in data.train if ex.get("domain") is not None}) or None
+    split = dict(tokenizer=tokenizer, task=cfg.task, max_seq_length=cfg.max_seq_length, domain_names=domains)
     inputs = TaskInputs(label_names=label_names, tokenizer=tokenizer,
-                        train_dataset=tokenize_split(data.train, tokenizer, cfg.task, cfg.max_seq_length),
-                        eval_dataset=tokenize_split(data.validation, tokenizer, cfg.task, cfg.max_seq_length),
-                        collate_fn=make_collate_fn(tokenizer, cfg.task))
+                        train_dataset=tokenize_split(data.train, **split),
+                        eval_dataset=tokenize_split(data.validation, **split),
+                        collate_fn=make_collate_fn(tokenizer, cfg.task), domain_names=domains)
     log(f"[data] {'synthetic task' if synthetic else cfg.train_file or cfg.dataset_name}: "
         f"{len(inputs.train_dataset)} train / {len(inputs.eval_dataset)} validation examples, labels {label_names}")
     return inputs, teacher_src, student_src, tiny
@@ -120,22 +125,24 @@ def run(cfg: TrainConfig) -> dict:
     from accelerate.state import PartialState  # noqa: PLC0415
     from accelerate.utils import set_seed  # noqa: PLC0415
 
-    from kdengine.methods import get_method_class  # noqa: PLC0415
+    from kdengine.config import options_for  # noqa: PLC0415
+    from kdengine.methods import resolve_method  # noqa: PLC0415
     from kdengine.train import checkpoint  # noqa: PLC0415
     from kdengine.train.reporting import finish_comparison  # noqa: PLC0415
+    from kdengine.train.stages import check_stage_names  # noqa: PLC0415
     from kdengine.train.teacher import TeacherFailedError, prepare_teacher, teacher_dir, teacher_row  # noqa: PLC0415
 
     from kdengine.train.trainer import cpu_only  # noqa: PLC0415
 
+    if cfg.options is None:
+        cfg = options_for(cfg, cfg.method)
     state = PartialState(cpu=cpu_only())
     log = _log(state.is_main_process)
     check_output_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
     resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-    try:
-        method_cls = get_method_class(cfg.method)
-    except ImportError as exc:
-        raise ValueError(f"method {cfg.method!r} is not available in this installation ({exc})") from None
+    method_cls = resolve_method(cfg.method)
+    check_stage_names(method_cls.stage_names(cfg.options), cfg.method)
     set_seed(cfg.seed)
     fresh_output_dir = not os.path.isdir(cfg.output_dir) or not os.listdir(cfg.output_dir)
     if state.is_main_process:
@@ -148,7 +155,7 @@ def run(cfg: TrainConfig) -> dict:
     inputs, teacher_src, student_src, tiny = load_inputs(cfg, state, log)
     stages = cfg.stage_list()
     methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method] + [cfg.method]
-    needs_teacher = any(get_method_class(m).uses_teacher for m in methods) or student_src is None
+    needs_teacher = any(resolve_method(m).uses_teacher for m in methods) or student_src is None
     teacher_path = None
     if needs_teacher:
         if teacher_src is None:
@@ -176,24 +183,27 @@ def run(cfg: TrainConfig) -> dict:
             run_cfg, run_resume = cfg, resume
         else:
             run_dir = os.path.join(cfg.output_dir, "baselines", name)
-            run_cfg = replace(cfg, method=name, output_dir=run_dir)
+            run_cfg = replace(options_for(cfg, name), output_dir=run_dir)
             run_resume = checkpoint.resolve_resume("last", run_dir) if cfg.resume_from_checkpoint else None
-        results[name] = run_student(run_cfg, method_cls if name == cfg.method else get_method_class(name), inputs,
-                                    teacher_path=teacher_path, teacher_results=teacher_results,
-                                    student_src=student_src, resume=run_resume, log=log)
+        results[name] = run_student(run_cfg, resolve_method(name), inputs, teacher_path=teacher_path,
+                                    teacher_src=teacher_src, teacher_results=teacher_results, student_src=student_src,
+                                    resume=run_resume, log=log)
     if "evaluate" in stages and state.is_main_process:
         finish_comparison(cfg, teacher_results, results, log=log)
     state.wait_for_everyone()
     return results
 
 
-def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_path, teacher_results, student_src,
-                resume, log) -> dict:
-    """The method, student and evaluate stages of one student in ``cfg.output_dir``."""
+def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_path, teacher_src, teacher_results,
+                student_src, resume, log) -> dict:
+    """The method's stages (its own, then the student's) and the evaluate stage of one student in
+    ``cfg.output_dir``."""
     from kdengine import models  # noqa: PLC0415
+    from kdengine.atomic import write_json  # noqa: PLC0415
+    from kdengine.methods.base import STUDENT  # noqa: PLC0415
     from kdengine.plots import plot_run  # noqa: PLC0415
-    from kdengine.train.checkpoint import write_json  # noqa: PLC0415
     from kdengine.train.reporting import read_json, write_results  # noqa: PLC0415
+    from kdengine.train.stages import run_method_stage  # noqa: PLC0415
     from kdengine.train.teacher import context  # noqa: PLC0415
     from kdengine.train.trainer import Trainer, make_accelerator, save_model  # noqa: PLC0415
 
@@ -208,36 +218,46 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
     if teacher_path is not None:
         teacher, _ = models.load_for_task(teacher_path, cfg.task, inputs.label_names, what="teacher")
         teacher = models.freeze(teacher).to(accelerator.device)
-    ctx = context(cfg, accelerator, inputs, run_dir, teacher=teacher if method_cls.uses_teacher else None, log=log)
-    method = method_cls(ctx)
-    if {"method", "student", "evaluate"} & set(stages):
-        method.prepare()
-    trainer, train_results = None, read_json(os.path.join(run_dir, "train_results.json"))
-    if "student" in stages and train_results is None:
-        if student_src is not None:
-            student, _ = models.load_for_task(student_src, cfg.task, inputs.label_names, what="model_name_or_path")
-        else:
-            student = models.student_from_teacher(teacher, cfg.student_num_layers)
-            log(f"[{cfg.method}] student: {cfg.student_num_layers} of the teacher's "
-                f"{teacher.config.num_hidden_layers} layers")
-        if teacher is not None:
-            models.check_pair(teacher, student, cfg.task)
-        trainer = Trainer(cfg, accelerator, student, method, run_dir, desc=cfg.method)
+    teachers = [teacher] if teacher is not None and method_cls.uses_teacher else []
+    method = method_cls(context(cfg, accelerator, inputs, run_dir, teachers=teachers, log=log,
+                                teacher_sources=[teacher_src] if teacher_src else []))
+    train_results = read_json(os.path.join(run_dir, "train_results.json"))
+    trained_student = train_results is not None
+    if not {"method", "student", "evaluate"} & set(stages):
+        return {"eval": read_json(os.path.join(run_dir, "eval_results.json")) or {}, "train": train_results or {}}
+    if trained_student:
+        student, _ = models.load_for_task(run_dir, cfg.task, inputs.label_names, what="student")
+    elif "student" not in stages:
+        student = None
+    elif student_src is not None:
+        student, _ = models.load_for_task(student_src, cfg.task, inputs.label_names, what="model_name_or_path")
+    else:
+        student = models.student_from_teacher(teacher, cfg.student_num_layers)
+        log(f"[{cfg.method}] student: {cfg.student_num_layers} of the teacher's "
+            f"{teacher.config.num_hidden_layers} layers")
+    if student is not None and teacher is not None:
+        models.check_pair(teacher, student, cfg.task)
+    for name in method.stages[:-1]:
+        run_method_stage(cfg, method, name, student, log=log)
+    trainer = None
+    if "student" in stages and not trained_student:
+        stage = method.build_stage(STUDENT, student)
+        trainer = Trainer(cfg, accelerator, method, stage, run_dir, desc=cfg.method)
         train_results = trainer.train(resume)
         save_model(accelerator, trainer.model, inputs.tokenizer, run_dir)
         if accelerator.is_main_process:
-            method.save(run_dir)
+            _save_extra_modules(stage, run_dir)
             write_results(run_dir, "train", train_results)
             write_json(os.path.join(run_dir, "trainer_state.json"), trainer.state)
         accelerator.wait_for_everyone()
     eval_results = read_json(os.path.join(run_dir, "eval_results.json"))
     if "evaluate" in stages and (eval_results is None or trainer is not None):
         if trainer is None:
-            if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            if not trained_student:
                 raise ValueError(f"the student stage has not run: no final student in {run_dir}; "
                                  "run with --stages student (or all) first")
-            student, _ = models.load_for_task(run_dir, cfg.task, inputs.label_names, what="student")
-            trainer = Trainer(cfg, accelerator, student, method, run_dir, save_checkpoints=False, desc=cfg.method)
+            trainer = Trainer(cfg, accelerator, method, method.build_stage(STUDENT, student), run_dir,
+                              save_checkpoints=False, desc=cfg.method)
         eval_results = trainer.evaluate(plot_teacher=teacher)
         logits = eval_results.pop("_logits", None)
         if accelerator.is_main_process:
@@ -254,6 +274,18 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
     for tracker in accelerator.trackers:
         tracker.finish()
     return {"eval": eval_results or {}, "train": train_results or {}}
+
+
+def _save_extra_modules(stage, run_dir: str) -> None:
+    """The student stage's modules beside the student (e.g. a projection head): ``modules/<name>.safetensors``."""
+    from kdengine import models  # noqa: PLC0415
+    from kdengine.atomic import atomic_directory  # noqa: PLC0415
+
+    extra = dict(list(stage.modules.items())[1:])
+    if extra:
+        with atomic_directory(os.path.join(run_dir, "modules")) as tmp:
+            for name, module in extra.items():
+                models.save_trainable(module, os.path.join(tmp, f"{name}.safetensors"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,14 @@
-"""Atomic checkpoints: ``checkpoint-<step>/`` appears complete or not at all.
+"""Atomic checkpoints of a training stage: ``checkpoint-<step>/`` appears complete or not at all.
 
-A checkpoint is written into ``output_dir/.tmp-checkpoint-<step>`` (every process writes its own
-RNG state, the main process the rest), fsynced, then renamed. A crash leaves at most a
-``.tmp-*`` directory, which resume ignores and the next save replaces.
+A checkpoint is written into ``<stage dir>/.tmp-checkpoint-<step>`` (every process writes its own
+RNG state, the main process the rest), fsynced, then renamed (:mod:`kdengine.atomic`). A crash
+leaves at most a ``.tmp-*`` directory, which resume ignores and the next save replaces.
 
-Contents: the student (``save_pretrained``, safetensors), ``optimizer.pt``, ``scheduler.pt``,
-``rng_state_<process>.pth`` (python, numpy, torch, cuda), ``trainer_state.json`` (global step,
-epoch, batch position, best metric, log history) and whatever ``method.save`` writes.
+Contents: the stage's first module if it is a transformers model (``save_pretrained``,
+safetensors), every other module as ``<name>.safetensors`` (trainable parameters),
+``optimizer.pt``/``scheduler.pt`` (``optimizer_<name>.pt`` for a stage's further optimizers),
+``rng_state_<process>.pth`` (python, numpy, torch, cuda) and ``trainer_state.json`` (global step,
+epoch, batch position, best metric, log history, the open logging window).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import shutil
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
+
+from kdengine.atomic import TMP_PREFIX as _TMP, commit_directory, temporary_directory
+from kdengine.models import load_trainable, save_trainable
 
 PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-checkpoint-"
+TMP_PREFIX = _TMP + PREFIX
 STATE_FILE = "trainer_state.json"
 _PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
 
@@ -39,33 +45,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: str) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(root)
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write JSON through a temp file and a rename (never a half-written file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -102,30 +81,38 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, *, model, optimizer, scheduler, state: dict,
-                    method, save_total_limit: int | None) -> str:
-    """Write ``checkpoint-<step>`` atomically (collective: every process must call it)."""
-    tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
-    final = os.path.join(output_dir, f"{PREFIX}{step}")
+def _optimizer_file(name: str, kind: str) -> str:
+    """optimizer.pt / scheduler.pt for the stage's first optimizer "main", <kind>_<name>.pt otherwise."""
+    return f"{kind}.pt" if name == "main" else f"{kind}_{name}.pt"
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, *, modules: dict, optimizers: dict, schedulers: dict,
+                    state: dict, save_total_limit: int | None) -> str:
+    """Write ``checkpoint-<step>`` atomically (collective: every process must call it).
+
+    The first module, when it is a transformers model, is saved with ``save_pretrained`` (the
+    checkpoint loads with ``from_pretrained``); every other module as ``<name>.safetensors``
+    (its trainable parameters)."""
+    final, tmp = os.path.join(output_dir, f"{PREFIX}{step}"), os.path.join(output_dir, f"{TMP_PREFIX}{step}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        temporary_directory(final)   # creates tmp, empty
     accelerator.wait_for_everyone()
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        method.save(tmp)
+        for index, (name, module) in enumerate(modules.items()):
+            unwrapped = accelerator.unwrap_model(module)
+            if index == 0 and isinstance(unwrapped, PreTrainedModel):
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
+            else:
+                save_trainable(unwrapped, os.path.join(tmp, f"{name}.safetensors"))
+        for name, optimizer in optimizers.items():
+            torch.save(optimizer.state_dict(), os.path.join(tmp, _optimizer_file(name, "optimizer")))
+            torch.save(schedulers[name].state_dict(), os.path.join(tmp, _optimizer_file(name, "scheduler")))
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
             json.dump(state, fh, indent=2)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(output_dir)
+        commit_directory(tmp, final)
         prune(output_dir, save_total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
@@ -141,17 +128,22 @@ def prune(output_dir: str, limit: int | None, *, keep: str | None = None) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, directory: str, *, model, optimizer, scheduler, method) -> dict:
-    """Restore model weights, optimizer, scheduler, this process's RNG state and the method; returns
-    the trainer state."""
-    unwrapped = accelerator.unwrap_model(model)
-    saved = type(unwrapped).from_pretrained(directory)
-    unwrapped.load_state_dict(saved.state_dict())
-    del saved
-    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu",
-                                         weights_only=False))
-    scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=False))
-    method.load(directory)
+def load_checkpoint(accelerator, directory: str, *, modules: dict, optimizers: dict, schedulers: dict) -> dict:
+    """Restore what :func:`save_checkpoint` wrote: modules, optimizers, schedulers and this process's
+    RNG state; returns the trainer state."""
+    for index, (name, module) in enumerate(modules.items()):
+        unwrapped = accelerator.unwrap_model(module)
+        if index == 0 and isinstance(unwrapped, PreTrainedModel):
+            saved = type(unwrapped).from_pretrained(directory)
+            unwrapped.load_state_dict(saved.state_dict())
+            del saved
+        else:
+            load_trainable(unwrapped, os.path.join(directory, f"{name}.safetensors"))
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(torch.load(os.path.join(directory, _optimizer_file(name, "optimizer")),
+                                             map_location="cpu", weights_only=False))
+        schedulers[name].load_state_dict(torch.load(os.path.join(directory, _optimizer_file(name, "scheduler")),
+                                                    weights_only=False))
     rng_file = os.path.join(directory, f"rng_state_{accelerator.process_index}.pth")
     if not os.path.isfile(rng_file):
         raise ValueError(f"{directory} has no RNG state for process {accelerator.process_index} (it was saved "

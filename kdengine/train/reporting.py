@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from kdengine.train.checkpoint import write_json
+from kdengine.atomic import write_json
 
 
 class MetricsLog:

@@ -2,9 +2,10 @@
 
 A teacher directory whose checkpoint already holds the task head for the same label set (no
 missing head weights, same ``id2label``) is used as is. Otherwise the model is fine-tuned on the
-task (``teacher_num_train_epochs``, ``teacher_learning_rate``; the student loop with the no_kd
-loss) and saved to ``output_dir/teacher/`` (``save_pretrained`` + tokenizer + its
-``eval_results.json``), renamed into place only when complete. A later stage or run reuses that
+task (``teacher_num_train_epochs``, ``teacher_learning_rate``; the shared loop with the no_kd
+loss, resumable from its checkpoints in ``output_dir/stages/teacher``) and saved to
+``output_dir/teacher/`` (``save_pretrained`` + tokenizer + its ``eval_results.json``), renamed
+into place only when complete. A later stage or run reuses that
 folder (or points ``teacher_model_name_or_path`` at it).
 """
 
@@ -14,14 +15,17 @@ import dataclasses
 import os
 import shutil
 
-from accelerate.state import PartialState
-
 from kdengine import models
+from kdengine.atomic import atomic_directory, write_json
+from kdengine.constants import IGNORE_INDEX
 from kdengine.metrics import compute_metrics
-from kdengine.methods.base import RunContext
+from kdengine.methods.base import RunContext, Stage
 from kdengine.methods.baselines import NoKD
+from kdengine.options import MethodOptions
+from kdengine.train import checkpoint
 from kdengine.train.reporting import read_json, write_results
-from kdengine.train.trainer import Trainer, make_accelerator, save_model
+from kdengine.train.stages import DONE_MARKER, stage_accelerator, stage_done, work_dir
+from kdengine.train.trainer import Trainer, make_accelerator
 
 TEACHER_DIR = "teacher"
 
@@ -38,7 +42,7 @@ def majority_baseline(cfg, inputs) -> tuple[float, str]:
     labels = [item["labels"] for item in inputs.eval_dataset]
     if cfg.task == "token_classification":
         width = max(len(row) for row in labels)
-        refs = np.array([row + [-100] * (width - len(row)) for row in labels])
+        refs = np.array([row + [IGNORE_INDEX] * (width - len(row)) for row in labels])
     else:
         refs = np.array(labels)
     metric = cfg.best_metric_name()
@@ -46,7 +50,7 @@ def majority_baseline(cfg, inputs) -> tuple[float, str]:
         return float("nan"), ""
     scores = []
     for label in range(len(inputs.label_names)):
-        predictions = np.where(refs == -100, 0, label)
+        predictions = np.where(refs == IGNORE_INDEX, 0, label)
         scores.append(compute_metrics(cfg.task, predictions, refs, inputs.label_names)[metric])
     best = int(np.argmax(scores))
     return scores[best], inputs.label_names[best]
@@ -75,60 +79,61 @@ def teacher_dir(output_dir: str) -> str:
     return os.path.join(output_dir, TEACHER_DIR)
 
 
-def context(cfg, accelerator, inputs, run_dir: str, teacher=None, log=print) -> RunContext:
+def context(cfg, accelerator, inputs, run_dir: str, teachers=(), log=print, teacher_sources=()) -> RunContext:
     """A RunContext over the tokenized task ``inputs`` (kdengine.train.__main__.TaskInputs)."""
-    return RunContext(args=cfg, accelerator=accelerator, task=cfg.task, num_labels=len(inputs.label_names),
-                      label_names=inputs.label_names, tokenizer=inputs.tokenizer, teacher=teacher,
+    return RunContext(args=cfg, options=cfg.options if cfg.options is not None else MethodOptions(),
+                      accelerator=accelerator, task=cfg.task, num_labels=len(inputs.label_names),
+                      label_names=inputs.label_names, tokenizer=inputs.tokenizer, teachers=list(teachers),
                       train_dataset=inputs.train_dataset, eval_dataset=inputs.eval_dataset,
-                      collate_fn=inputs.collate_fn, output_dir=run_dir, device=accelerator.device, log=log)
+                      collate_fn=inputs.collate_fn, output_dir=run_dir, device=accelerator.device, log=log,
+                      teacher_sources=list(teacher_sources), domain_names=inputs.domain_names)
 
 
 def prepare_teacher(cfg, inputs, source: str, *, needs_training: bool = False, log=print) -> str:
     """Return the directory of a task-trained teacher, fine-tuning ``source`` when needed.
+
+    The fine-tuning is the stage ``teacher`` on the shared loop (NoKD loss): it trains in
+    ``output_dir/stages/teacher`` (checkpoints; ``resume_from_checkpoint`` continues it) and
+    writes ``output_dir/teacher`` atomically once the teacher passes :func:`check_teacher`.
 
     Args:
         source: teacher_model_name_or_path (local directory or hub name).
         needs_training: fine-tune even when a task head is present (tiny randomly initialised models).
     """
     out = teacher_dir(cfg.output_dir)
-    if os.path.isfile(os.path.join(out, "eval_results.json")):
+    if stage_done(out):
         log(f"[teacher] reusing the fine-tuned teacher in {out}")
         return out
     model, head_trained = models.load_for_task(source, cfg.task, inputs.label_names, what="teacher_model_name_or_path")
     if head_trained and not needs_training:
         log(f"[teacher] {source} already holds a {cfg.task} head for {inputs.label_names}: used as is")
         return source
-    tmp = os.path.join(cfg.output_dir, ".tmp-teacher")
-    state = PartialState()
-    if state.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    state.wait_for_everyone()
-    accelerator = make_accelerator(cfg, tmp)
+    work = work_dir(cfg.output_dir, TEACHER_DIR)
+    resume = checkpoint.latest_checkpoint(work) if cfg.resume_from_checkpoint else None
     log(f"[teacher] fine-tuning {source} on the task ({cfg.teacher_num_train_epochs} epochs, "
         f"lr {cfg.teacher_learning_rate})")
-    method = NoKD(context(cfg, accelerator, inputs, tmp, log=log))
-    trainer = Trainer(cfg, accelerator, model, method, tmp, learning_rate=cfg.teacher_learning_rate,
-                      num_train_epochs=cfg.teacher_num_train_epochs, max_steps=-1, save_checkpoints=False,
-                      desc="teacher")
-    train_results = trainer.train()
+    accelerator = stage_accelerator(cfg, work)
+    method = NoKD(context(dataclasses.replace(cfg, options=MethodOptions()), accelerator, inputs, work, log=log))
+    stage = Stage(TEACHER_DIR, {TEACHER_DIR: model}, cfg.teacher_learning_rate, cfg.teacher_num_train_epochs)
+    trainer = Trainer(cfg, accelerator, method, stage, work)
+    train_results = trainer.train(resume)
     eval_results = trainer.evaluate()
+    for tracker in accelerator.trackers:
+        tracker.finish()
     try:
         check_teacher(cfg, inputs, eval_results)
     except TeacherFailedError:
-        for tracker in accelerator.trackers:
-            tracker.finish()
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
         raise
-    save_model(accelerator, trainer.model, inputs.tokenizer, tmp)
     if accelerator.is_main_process:
-        write_results(tmp, "train", train_results)
-        write_results(tmp, "eval", {**eval_results, "epoch": train_results["epoch"]})
-        for tracker in accelerator.trackers:
-            tracker.finish()
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
+        with atomic_directory(out) as tmp:
+            accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
+            inputs.tokenizer.save_pretrained(tmp)
+            write_results(tmp, "train", train_results)
+            write_results(tmp, "eval", {**eval_results, "epoch": train_results["epoch"]})
+            write_json(os.path.join(tmp, DONE_MARKER), train_results)
+        checkpoint.prune(work, 0)
     accelerator.wait_for_everyone()
     log(f"[teacher] done: eval_{cfg.best_metric_name()} = {eval_results.get(f'eval_{cfg.best_metric_name()}')}"
         f" (saved to {out})")
@@ -143,6 +148,9 @@ def teacher_row(cfg, inputs, directory: str, log=print) -> dict:
         return {**saved, "train_runtime": train.get("train_runtime")}
     model, _ = models.load_for_task(directory, cfg.task, inputs.label_names, what="teacher_model_name_or_path")
     accelerator = make_accelerator(dataclasses.replace(cfg, report_to="none"), cfg.output_dir)
-    trainer = Trainer(cfg, accelerator, model, NoKD(context(cfg, accelerator, inputs, cfg.output_dir, log=log)),
+    method = NoKD(context(dataclasses.replace(cfg, options=MethodOptions()), accelerator, inputs, cfg.output_dir,
+                          log=log))
+    trainer = Trainer(cfg, accelerator, method, Stage(TEACHER_DIR, {TEACHER_DIR: model}, cfg.teacher_learning_rate,
+                                                      cfg.teacher_num_train_epochs),
                       cfg.output_dir, save_checkpoints=False, desc="teacher-eval")
     return trainer.evaluate()

@@ -1,9 +1,10 @@
-"""The training loop: one student, one method, on accelerate (DDP, accumulation, mixed precision).
+"""The one training loop: any stage of any method, on accelerate (DDP, accumulation, mixed precision).
 
-``Trainer.train`` runs the distillation step (teacher under ``no_grad`` -> student forward ->
-``method.student_loss`` -> ``del`` teacher outputs -> backward -> clip -> AdamW + linear warmup
-schedule), logs, evaluates and writes atomic checkpoints; ``resume`` restores everything, data
-position included. The data order of epoch e is a permutation seeded with ``seed + e``, the same
+``Trainer.train`` runs a :class:`~kdengine.methods.base.Stage`: per micro-batch the method's
+``training_step`` (by default teacher under ``no_grad`` -> student forward -> ``student_loss``),
+then backward -> clip -> AdamW step -> warmup + linear-decay (or constant) schedule for each
+optimizer of the stage the method did not update itself; it logs, evaluates and writes atomic
+checkpoints of every module of the stage; ``resume`` restores everything, data position included. The data order of epoch e is a permutation seeded with ``seed + e``, the same
 on every process; accelerate shards it, so N processes with per-device batch B see the batches of
 one process with batch N·B.
 """
@@ -19,14 +20,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from kdengine.constants import IGNORE_INDEX
+from kdengine.methods.base import Stage, StepContext
 from kdengine.metrics import compute_metrics
 from kdengine.models import model_inputs
 from kdengine.train import checkpoint
 from kdengine.train.reporting import MetricsLog
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,6 +50,13 @@ def make_accelerator(cfg, run_dir: str) -> Accelerator:
     return accelerator
 
 
+def _merged_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """:func:`param_groups` of several modules as one decay group and one no-decay group."""
+    groups = [param_groups(m, weight_decay) for m in modules]
+    return [{"params": [p for g in groups for p in g[i]["params"]], "weight_decay": groups[0][i]["weight_decay"]}
+            for i in range(2)]
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only (not on biases or LayerNorm/RMSNorm weights)."""
     no_decay = set()
@@ -63,40 +71,90 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+class _Step(StepContext):
+    """The trainer's StepContext: counters and the optimizers one micro-batch may update."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.stage, self.modules, self.accelerator = trainer.stage, trainer.modules, trainer.accelerator
+        self.total_steps = trainer.total_steps
+        self.global_step, self.epoch = 0, 0.0
+        self.updated: set[str] = set()
+
+    def update(self, loss: torch.Tensor, *optimizers: str) -> None:
+        trainer, acc = self.trainer, self.accelerator
+        names = optimizers or tuple(n for n in trainer.optimizers if n not in self.updated)
+        unknown = [n for n in names if n not in trainer.optimizers]
+        if unknown:
+            raise ValueError(f"stage {self.stage.name!r} has no optimizer {unknown[0]!r} "
+                             f"(optimizers: {', '.join(trainer.optimizers)})")
+        acc.backward(loss)
+        for name in names:
+            optimizer = trainer.optimizers[name]
+            if acc.sync_gradients and trainer.cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(trainer.optimizer_params[name], trainer.cfg.max_grad_norm)
+            optimizer.step()
+            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                trainer.schedulers[name].step()
+            optimizer.zero_grad(set_to_none=True)
+            self.updated.add(name)
+
+
 class Trainer:
-    """Train ``model`` with ``method`` into ``run_dir``.
+    """Train one :class:`~kdengine.methods.base.Stage` of ``method`` into ``run_dir``.
 
     Args:
-        cfg: the TrainConfig (batch sizes, schedule, logging/eval/save strategy, seed).
+        cfg: the TrainConfig (batch sizes, warmup, clipping, logging/eval/save strategy, seed).
         accelerator: from :func:`make_accelerator` for ``run_dir``.
-        model: the student (a transformers model with ``.logits`` outputs).
-        method: a ``kdengine.methods.base.Method`` whose ctx holds the datasets and collate_fn.
-        learning_rate, num_train_epochs: override cfg (the teacher fine-tuning stage).
-        save_checkpoints: False for stages that restart instead of resuming.
-        desc: progress bar label.
+        method: the Method whose ``training_step`` computes each micro-batch's loss; its ctx holds
+            the datasets and collate_fn.
+        stage: the modules to train (all join the optimizers, DDP and checkpoints), learning
+            rate, epochs/max_steps, schedule, optimizers.
+        save_checkpoints: False for a trainer that only evaluates or is not resumable.
+        desc: progress bar label (default: the stage name).
     """
 
-    def __init__(self, cfg, accelerator, model, method, run_dir: str, *, learning_rate: float | None = None,
-                 num_train_epochs: float | None = None, max_steps: int | None = None, save_checkpoints: bool = True,
-                 desc: str = "student"):
-        self.cfg, self.accelerator, self.method, self.run_dir, self.desc = cfg, accelerator, method, run_dir, desc
+    def __init__(self, cfg, accelerator, method, stage: Stage, run_dir: str, *, save_checkpoints: bool = True,
+                 desc: str | None = None):
+        self.cfg, self.accelerator, self.method, self.run_dir = cfg, accelerator, method, run_dir
+        self.stage, self.desc = stage, desc or stage.name
         self.ctx = method.ctx
         self.save_checkpoints = save_checkpoints
-        self.lr = cfg.learning_rate if learning_rate is None else learning_rate
-        self.epochs_requested = cfg.num_train_epochs if num_train_epochs is None else num_train_epochs
-        self.max_steps = cfg.max_steps if max_steps is None else max_steps
         self.metric = cfg.best_metric_name()
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=self.lr)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        specs = stage.optimizer_specs()
+        for spec in specs:
+            missing = [m for m in spec.modules if m not in stage.modules]
+            if missing or not spec.modules:
+                raise ValueError(f"stage {stage.name!r}: optimizer {spec.name!r} names modules {missing or '()'} "
+                                 f"that the stage does not have ({', '.join(stage.modules)})")
+        trained = [name for name, m in stage.modules.items() if any(p.requires_grad for p in m.parameters())]
+        if not trained:
+            raise ValueError(f"stage {stage.name!r} has no trainable parameter")
+        optimizers = [torch.optim.AdamW(_merged_groups([stage.modules[m] for m in spec.modules], cfg.weight_decay),
+                                        lr=spec.learning_rate) for spec in specs]
+        prepared = accelerator.prepare(*(stage.modules[m] for m in trained), *optimizers)
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        wrapped = dict(zip(trained, prepared[:len(trained)]))
+        self.modules = {name: wrapped.get(name, module) for name, module in stage.modules.items()}
+        self.model = next(iter(self.modules.values()))
+        self.optimizers = {spec.name: opt for spec, opt in zip(specs, prepared[len(trained):])}
+        self.optimizer_params = {spec.name: [p for m in spec.modules for p in self.modules[m].parameters()]
+                                 for spec in specs}
+        self.optimizer = self.optimizers[specs[0].name]
         self.batches_per_epoch = len(self._train_loader(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
-        if self.max_steps > 0:
-            self.total_steps = self.max_steps
+        if stage.max_steps > 0:
+            self.total_steps = stage.max_steps
         else:
-            self.total_steps = max(1, math.ceil(self.epochs_requested * self.steps_per_epoch))
+            self.total_steps = max(1, math.ceil(stage.num_train_epochs * self.steps_per_epoch))
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer.optimizer,
-                                                         int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.schedulers = {spec.name: (get_linear_schedule_with_warmup(opt.optimizer, warmup, self.total_steps)
+                                       if spec.schedule == "linear" else
+                                       get_constant_schedule_with_warmup(opt.optimizer, warmup))
+                           for spec, opt in zip(specs, self.optimizers.values())}
+        self.scheduler = self.schedulers[specs[0].name]
+        self.step_context = _Step(self)
         self.metrics_log = MetricsLog(accelerator, run_dir)
         self.state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "total_steps": self.total_steps,
                       "best_metric": None, "best_step": None, "metric_for_best_model": f"eval_{self.metric}",
@@ -125,30 +183,29 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """One micro-batch: teacher (no grad) -> student -> loss -> backward (-> clip, step)."""
-        acc, method = self.accelerator, self.method
-        with acc.accumulate(self.model):
-            with torch.no_grad(), acc.autocast():
-                teacher_outputs = method.teacher_outputs(batch)
-            outputs = self.model(**model_inputs(batch), output_hidden_states=method.needs_student_hidden_states)
-            loss, logs = method.student_loss(outputs, batch, teacher_outputs)
-            del teacher_outputs
-            acc.backward(loss)
-            if acc.sync_gradients and self.cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            self.optimizer.step()
-            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        """One micro-batch: ``method.training_step`` -> backward -> (clip, step, schedule) of the
+        optimizers the method did not update itself."""
+        acc, step = self.accelerator, self.step_context
+        step.global_step = self.state["global_step"]
+        step.epoch = self.state["global_step"] / self.steps_per_epoch
+        step.updated = set()
+        with acc.accumulate(*self.modules.values()):
+            loss, logs = self.method.training_step(step, batch)
+            if len(step.updated) < len(self.optimizers):
+                step.update(loss)
         return loss.detach(), {k: v.detach().float() for k, v in logs.items()}
+
+    def _train_mode(self) -> None:
+        for module in self.modules.values():
+            module.train()
 
     # ---------------------------------------------------------------- loop
     def train(self, resume_dir: str | None = None) -> dict:
         """Train to ``total_steps``; returns train_results (HF keys)."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
         if resume_dir:
-            state.update(checkpoint.load_checkpoint(acc, resume_dir, model=self.model, optimizer=self.optimizer,
-                                                    scheduler=self.scheduler, method=self.method))
+            state.update(checkpoint.load_checkpoint(acc, resume_dir, modules=self.modules, optimizers=self.optimizers,
+                                                    schedulers=self.schedulers))
             self.ctx.log(f"[{self.desc}] resumed from {resume_dir} at step {state['global_step']} "
                          f"(epoch {state['epoch']}, batch {state['batch_in_epoch']})")
         self.metrics_log.rewrite(state["log_history"])
@@ -162,7 +219,7 @@ class Trainer:
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         started, window_start, window_samples = time.perf_counter(), time.perf_counter(), 0
         runtime_before = state["train_runtime"]
-        self.model.train()
+        self._train_mode()
         for epoch in range(state["epoch"], self.num_epochs):
             loader = self._train_loader(epoch)
             if state["batch_in_epoch"]:
@@ -190,7 +247,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}",
                                     ex_s=f"{row['examples_per_second']:.0f}")
                     window_start, window_samples = time.perf_counter(), 0
-                if cfg.eval_strategy == "steps" and step % (cfg.eval_steps or cfg.logging_steps) == 0:
+                if self.stage.evaluate and cfg.eval_strategy == "steps" \
+                        and step % (cfg.eval_steps or cfg.logging_steps) == 0:
                     self._evaluate_and_track(step / self.steps_per_epoch)
                 if step >= self.total_steps:
                     break
@@ -212,7 +270,7 @@ class Trainer:
     def _end_of_epoch(self, epoch: int, window, first_bad, started: float, runtime_before: float) -> None:
         state = self.state
         state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
-        if self.cfg.eval_strategy == "epoch":
+        if self.cfg.eval_strategy == "epoch" and self.stage.evaluate:
             self._evaluate_and_track(epoch + 1)
         if state["global_step"] < self.total_steps and self.save_checkpoints and self.cfg.save_strategy == "epoch":
             self._checkpoint(window, first_bad, started, runtime_before)
@@ -262,9 +320,9 @@ class Trainer:
         # The open logging window travels with the checkpoint, so a resumed run logs the same values.
         state = {**self.state, "window": {"loss": window["loss"].item(), "n": window["n"],
                                           "logs": {k: float(v) for k, v in window["logs"].items()}}}
-        checkpoint.save_checkpoint(self.accelerator, self.run_dir, self.state["global_step"], model=self.model,
-                                   optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                                   method=self.method, save_total_limit=self.cfg.save_total_limit)
+        checkpoint.save_checkpoint(self.accelerator, self.run_dir, self.state["global_step"], modules=self.modules,
+                                   optimizers=self.optimizers, schedulers=self.schedulers, state=state,
+                                   save_total_limit=self.cfg.save_total_limit)
 
     def _evaluate_and_track(self, epoch: float) -> dict:
         results = self.evaluate()
@@ -275,7 +333,7 @@ class Trainer:
         best = self.state["best_metric"]
         if value is not None and (best is None or (value < best if self.metric == "loss" else value > best)):
             self.state["best_metric"], self.state["best_step"] = value, self.state["global_step"]
-        self.model.train()
+        self._train_mode()
         return results
 
     # ---------------------------------------------------------------- evaluation

@@ -253,6 +253,20 @@ def test_tiny_models_tokenize_collate_forward(tiny_dirs, task):
     assert torch.isfinite(loss) and model.classifier.weight.grad.abs().sum() > 0
 
 
+def test_the_domain_column_reaches_the_batch(tiny_dirs, task):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[1])
+    domains = sorted({ex["domain"] for ex in task.train})
+    assert domains == sorted(S.DOMAINS)
+    ds = tokenize_split(task.validation[:8], tok, task.task, 12, domain_names=domains)
+    batch = make_collate_fn(tok, task.task)([ds[i] for i in range(8)])
+    assert batch["domain"].tolist() == [domains.index(ex["domain"]) for ex in task.validation[:8]]
+    assert "domain" not in tokenize_split(task.validation[:8], tok, task.task, 12)[0]
+    with pytest.raises(ValueError, match=r"example 0: domain 'books' is not one of the domains \['kitchen'\]"):
+        tokenize_split([{**task.validation[0], "domain": "books"}], tok, task.task, 12, domain_names=["kitchen"])
+
+
 def test_tiny_models_deterministic_token_task_and_errors(tmp_path):
     from safetensors.torch import load_file
 

@@ -11,7 +11,7 @@ from kdengine import models
 from kdengine.config import TrainConfig, to_yaml
 from kdengine.methods.baselines import NoKD
 from kdengine.train.__main__ import main
-from tests.train import small_args
+from tests.train import small_args, tiny_task
 
 
 def _tiny_bert(num_labels=2, vocab=50, layers=2):
@@ -116,28 +116,18 @@ class _NaNAtStep3(NoKD):
 
 def test_nan_loss_names_the_step_and_the_last_good_checkpoint(tmp_path):
     from kdengine.config import parse_args
-    from kdengine.data import load_task_data, make_collate_fn, tokenize_split
-    from kdengine.data.synthetic import LABEL_NAMES, synthetic_vocab
-    from kdengine.tiny_models import build_tiny_models
     from kdengine.train.teacher import context
     from kdengine.train.trainer import NonFiniteLossError, Trainer, make_accelerator
-    from kdengine.train.__main__ import TaskInputs
 
     out = tmp_path / "out"
     cfg = parse_args(small_args(out, method="no_kd", save_strategy="steps", save_steps=2, logging_steps=1,
                                 per_device_train_batch_size=8))
-    _, student_dir = build_tiny_models(str(tmp_path / "tiny"), task=cfg.task, label_names=LABEL_NAMES,
-                                       vocab=synthetic_vocab(), seed=0)
-    model, _ = models.load_for_task(student_dir, cfg.task, LABEL_NAMES, what="student")
-    tokenizer = models.load_tokenizer(student_dir, "student")
-    data = load_task_data({"synthetic": {"n_train": 48, "n_validation": 8, "n_test": 0}})
-    inputs = TaskInputs(LABEL_NAMES, tokenizer, tokenize_split(data.train, tokenizer, cfg.task, 32),
-                        tokenize_split(data.validation, tokenizer, cfg.task, 32), make_collate_fn(tokenizer, cfg.task))
+    _, model, inputs = tiny_task(tmp_path / "tiny", cfg)
     os.makedirs(out)
     accelerator = make_accelerator(cfg, str(out))
     method = _NaNAtStep3(context(cfg, accelerator, inputs, str(out)))
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3; last good checkpoint: .*checkpoint-2\b"):
-        Trainer(cfg, accelerator, model, method, str(out)).train()
+        Trainer(cfg, accelerator, method, method.build_stage("student", model), str(out)).train()
     assert not os.path.exists(out / "checkpoint-4")
 
 

@@ -7,15 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdengine.methods.pee_kd import PEEKD
+from kdengine.methods.pee_kd import PEEKD, PEEKDOptions
 from kdengine.methods.selector import TIE_BREAK, ExpertSelector, expert_scores
 from kdengine.train.__main__ import main
 from tests.train import small_args
 
 
 def _method(weighting_loss: str) -> PEEKD:
-    ctx = SimpleNamespace(args=SimpleNamespace(expert_weighting_loss=weighting_loss))
-    return PEEKD(ctx)
+    return PEEKD(SimpleNamespace(options=PEEKDOptions(expert_weighting_loss=weighting_loss)))
 
 
 def test_uncertainty_weighting_is_a_softmax_over_expert_certainty():

@@ -1,6 +1,5 @@
 """SIGKILL mid-run, resume from the last checkpoint: the final metrics equal an uninterrupted run's."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import time
 import pytest
 
 from kdengine.train import checkpoint
-from tests.train import PYTHON, REPO, small_args, subprocess_env
+from tests.train import PYTHON, REPO, metrics_rows, read_json, small_args, subprocess_env, untimed
 
 RUN = dict(method="no_kd", synthetic_num_train=192, per_device_train_batch_size=8, num_train_epochs=2,
            save_strategy="steps", save_steps=6, save_total_limit=2, eval_strategy="epoch", logging_steps=3)
@@ -17,16 +16,6 @@ RUN = dict(method="no_kd", synthetic_num_train=192, per_device_train_batch_size=
 
 def _command(output_dir, **extra):
     return [PYTHON, "-m", "kdengine.train", *small_args(output_dir, **{**RUN, **extra})]
-
-
-def _read(path):
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def _untimed(rows):
-    """Log rows without their wall-clock field (the only one allowed to differ)."""
-    return [{k: v for k, v in row.items() if k != "examples_per_second"} for row in rows]
 
 
 @pytest.mark.slow
@@ -50,7 +39,7 @@ def test_sigkill_then_resume_gives_the_same_final_metrics(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "eval_results.json").exists()
     last_step = checkpoint.list_checkpoints(str(killed))[-1][0]
-    total_steps = _read(full / "trainer_state.json")["global_step"]
+    total_steps = read_json(full / "trainer_state.json")["global_step"]
     assert last_step < total_steps
 
     # An interrupted checkpoint (never renamed) with a later step must be ignored.
@@ -62,13 +51,12 @@ def test_sigkill_then_resume_gives_the_same_final_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed / f'checkpoint-{last_step}'}" in resumed.stdout
 
-    assert _read(killed / "eval_results.json") == _read(full / "eval_results.json")
-    state_full, state_killed = _read(full / "trainer_state.json"), _read(killed / "trainer_state.json")
-    assert _untimed(state_killed["log_history"]) == _untimed(state_full["log_history"])
+    assert read_json(killed / "eval_results.json") == read_json(full / "eval_results.json")
+    state_full, state_killed = read_json(full / "trainer_state.json"), read_json(killed / "trainer_state.json")
+    assert untimed(state_killed["log_history"]) == untimed(state_full["log_history"])
     assert state_killed["global_step"] == state_full["global_step"] == total_steps
-    assert _read(killed / "train_results.json")["train_loss"] == _read(full / "train_results.json")["train_loss"]
-    with open(killed / "metrics.jsonl") as a, open(full / "metrics.jsonl") as b:
-        assert _untimed(map(json.loads, a)) == _untimed(map(json.loads, b))   # no duplicated rows either
+    assert read_json(killed / "train_results.json")["train_loss"] == read_json(full / "train_results.json")["train_loss"]
+    assert metrics_rows(killed / "metrics.jsonl") == metrics_rows(full / "metrics.jsonl")   # no duplicated rows
 
 
 def test_latest_checkpoint_ignores_incomplete_directories(tmp_path):
