@@ -54,6 +54,21 @@ def load_for_task(name_or_path: str, task: str, label_names: list[str], *, what:
     return model, same_labels and not head_missing
 
 
+def check_teacher_labels(sources: list[str]) -> None:
+    """Teachers that already hold a task head must name the same labels (ValueError otherwise);
+    a config with transformers' default names (LABEL_0, ...) carries no label set."""
+    seen = None
+    for source in sources:
+        config = AutoConfig.from_pretrained(resolve(source, "teacher_model_name_or_path"))
+        labels = [str(v) for _, v in sorted((int(k), v) for k, v in (getattr(config, "id2label", None) or {}).items())]
+        if not labels or labels == [f"LABEL_{i}" for i in range(len(labels))]:
+            continue
+        if seen is not None and labels != seen[1]:
+            raise ValueError(f"the teachers have different label sets: {seen[0]} has {seen[1]} and {source} has "
+                             f"{labels}; multi-teacher distillation needs one label set (same names, same order)")
+        seen = seen or (source, labels)
+
+
 def load_tokenizer(name_or_path: str, what: str):
     path = resolve(name_or_path, what)
     try:

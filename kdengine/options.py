@@ -31,6 +31,17 @@ def option(default, help: str, choices: tuple | None = None, *, convert=None):  
     return field(default=default, metadata={"help": help, "choices": choices, "convert": convert})
 
 
+def _teacher_value(value):
+    """One teacher or several: a comma list, or a YAML list, stored as a comma list."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    names = [str(v).strip() for v in value] if isinstance(value, (list, tuple)) else \
+        [v.strip() for v in str(value).split(",")]
+    if not all(names):
+        raise ConfigError(f"teacher_model_name_or_path has an empty entry: {value!r}")
+    return ",".join(names)
+
+
 def _resume_value(value):
     if value is None or value is False or str(value).lower() in ("none", "null", "false", ""):
         return None
@@ -176,8 +187,9 @@ class TrainConfig:
     synthetic_num_test: int = option(500, "synthetic task: test examples")
 
     # ---- models (none given on the synthetic task: tiny models built into output_dir/tiny_models) ----
-    teacher_model_name_or_path: str | None = option(None, "teacher: a task-trained model (used as is) or a "
-                                                          "pretrained one (fine-tuned first, into output_dir/teacher)")
+    teacher_model_name_or_path: str | None = option(
+        None, "teacher, or several as a comma list (YAML: a list): each a task-trained model (used as is) or a "
+              "pretrained one (fine-tuned first, into output_dir/teacher, teacher_1, ...)", convert=_teacher_value)
     model_name_or_path: str | None = option(None, "student model (or use student_num_layers)")
     student_num_layers: int | None = option(None, "initialise the student from the task-trained teacher, keeping "
                                                   "this many evenly spaced layers (DistilBERT-style)")
@@ -193,6 +205,10 @@ class TrainConfig:
 
     def stage_list(self) -> list[str]:
         return list(STAGES) if self.stages.strip() == "all" else [s.strip() for s in self.stages.split(",")]
+
+    def teacher_list(self) -> list[str]:
+        """The teachers of ``teacher_model_name_or_path`` ([] without one)."""
+        return self.teacher_model_name_or_path.split(",") if self.teacher_model_name_or_path else []
 
     def report_list(self) -> list[str]:
         return [r.strip() for r in self.report_to.split(",") if r.strip() and r.strip() != "none"]

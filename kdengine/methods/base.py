@@ -141,7 +141,9 @@ class Method:
 
     name = "base"
     options_class: type[MethodOptions] = MethodOptions
-    uses_teacher = True                 # the trainer prepares the task-trained teacher(s) when True
+    # True: the trainer prepares the task-trained teacher(s) (ctx.teachers). False: no teacher, or the
+    # method builds its own from ctx.teacher_sources in its stages.
+    uses_teacher = True
     stages: tuple[str, ...] = (STUDENT,)
     # Extra keyword arguments of the student forward in the default step, e.g.
     # {"output_hidden_states": True, "output_attentions": True}.

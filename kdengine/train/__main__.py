@@ -83,8 +83,8 @@ def load_inputs(cfg: TrainConfig, state, log):
                                                           "n_test": cfg.synthetic_num_test}})
     if data.validation is None:
         raise ValueError("the task has no validation split; pass --validation_file (it is used for evaluation)")
-    teacher_src, student_src, tiny = cfg.teacher_model_name_or_path, cfg.model_name_or_path, False
-    if teacher_src is None and student_src is None:
+    teacher_srcs, student_src, tiny = cfg.teacher_list(), cfg.model_name_or_path, False
+    if not teacher_srcs and student_src is None:
         if not synthetic:
             raise ValueError("tiny models are built only for the synthetic task; pass --teacher_model_name_or_path "
                              "and --model_name_or_path (or --student_num_layers) for real data")
@@ -92,7 +92,7 @@ def load_inputs(cfg: TrainConfig, state, log):
         from kdengine.tiny_models import build_tiny_models  # noqa: PLC0415
 
         tiny_dir = os.path.join(cfg.output_dir, "tiny_models")
-        teacher_src, student_src = os.path.join(tiny_dir, "teacher"), os.path.join(tiny_dir, "student")
+        teacher_srcs, student_src = [os.path.join(tiny_dir, "teacher")], os.path.join(tiny_dir, "student")
         if state.is_main_process and not os.path.isfile(os.path.join(student_src, "config.json")):
             build_tiny_models(tiny_dir, task=cfg.task, label_names=data.label_names, vocab=synthetic_vocab(),
                               seed=cfg.seed)
@@ -104,10 +104,13 @@ def load_inputs(cfg: TrainConfig, state, log):
         raise ValueError("no student: pass --model_name_or_path or --student_num_layers (layers kept from the teacher)")
     if student_src is not None and cfg.student_num_layers is not None:
         raise ValueError("pass either --model_name_or_path or --student_num_layers, not both")
-    tokenizer_src = student_src or teacher_src
+    tokenizer_src = student_src or teacher_srcs[0]
     tokenizer = models.load_tokenizer(tokenizer_src, "model_name_or_path" if student_src else "teacher")
-    if teacher_src is not None and student_src is not None:
-        models.check_tokenizers(models.load_tokenizer(teacher_src, "teacher_model_name_or_path"), tokenizer)
+    for source in teacher_srcs:
+        if source != tokenizer_src:
+            models.check_tokenizers(models.load_tokenizer(source, "teacher_model_name_or_path"), tokenizer)
+    if len(teacher_srcs) > 1:
+        models.check_teacher_labels(teacher_srcs)
     label_names = data.label_names
     domains = sorted({ex["domain"] for ex in data.train if ex.get("domain") is not None}) or None
     split = dict(tokenizer=tokenizer, task=cfg.task, max_seq_length=cfg.max_seq_length, domain_names=domains)
@@ -117,7 +120,7 @@ def load_inputs(cfg: TrainConfig, state, log):
                         collate_fn=make_collate_fn(tokenizer, cfg.task), domain_names=domains)
     log(f"[data] {'synthetic task' if synthetic else cfg.train_file or cfg.dataset_name}: "
         f"{len(inputs.train_dataset)} train / {len(inputs.eval_dataset)} validation examples, labels {label_names}")
-    return inputs, teacher_src, student_src, tiny
+    return inputs, teacher_srcs, student_src, tiny
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -130,7 +133,8 @@ def run(cfg: TrainConfig) -> dict:
     from kdengine.train import checkpoint  # noqa: PLC0415
     from kdengine.train.reporting import finish_comparison  # noqa: PLC0415
     from kdengine.train.stages import check_stage_names  # noqa: PLC0415
-    from kdengine.train.teacher import TeacherFailedError, prepare_teacher, teacher_dir, teacher_row  # noqa: PLC0415
+    from kdengine.train.teacher import (  # noqa: PLC0415
+        TeacherFailedError, prepare_teacher, teacher_dir, teacher_name, teacher_row)
 
     from kdengine.train.trainer import cpu_only  # noqa: PLC0415
 
@@ -152,31 +156,33 @@ def run(cfg: TrainConfig) -> dict:
     state.wait_for_everyone()
     log(f"[config] method={cfg.method} task={cfg.task} output_dir={cfg.output_dir} stages={cfg.stage_list()} "
         f"processes={state.num_processes} device={state.device}")
-    inputs, teacher_src, student_src, tiny = load_inputs(cfg, state, log)
+    inputs, teacher_srcs, student_src, tiny = load_inputs(cfg, state, log)
     stages = cfg.stage_list()
     methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method] + [cfg.method]
     needs_teacher = any(resolve_method(m).uses_teacher for m in methods) or student_src is None
-    teacher_path = None
-    if needs_teacher:
-        if teacher_src is None:
-            raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher_model_name_or_path")
+    teacher_paths = []
+    if needs_teacher and not teacher_srcs:
+        raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher_model_name_or_path")
+    for index, source in enumerate(teacher_srcs if needs_teacher else []):
+        name = teacher_name(index)
         if "teacher" in stages:
             try:
-                teacher_path = prepare_teacher(cfg, inputs, teacher_src, needs_training=tiny, log=log)
+                teacher_paths.append(prepare_teacher(cfg, inputs, source, name=name, needs_training=tiny, log=log))
             except TeacherFailedError:
                 if fresh_output_dir and state.is_main_process:  # this run made it: leave nothing behind
                     shutil.rmtree(cfg.output_dir, ignore_errors=True)
                 raise
-        elif os.path.isdir(teacher_dir(cfg.output_dir)):
-            teacher_path = teacher_dir(cfg.output_dir)
+        elif os.path.isdir(teacher_dir(cfg.output_dir, name)):
+            teacher_paths.append(teacher_dir(cfg.output_dir, name))
         elif tiny:
-            raise ValueError(f"the teacher stage has not run: {teacher_dir(cfg.output_dir)} does not exist; "
+            raise ValueError(f"the teacher stage has not run: {teacher_dir(cfg.output_dir, name)} does not exist; "
                              "run with --stages teacher (or all) first")
         else:
-            teacher_path = teacher_src
-    teacher_results = None
-    if teacher_path is not None and "evaluate" in stages:
-        teacher_results = teacher_row(cfg, inputs, teacher_path, log=log)
+            teacher_paths.append(source)
+    teacher_results = {}
+    if "evaluate" in stages:
+        teacher_results = {teacher_name(i): teacher_row(cfg, inputs, path, log=log)
+                           for i, path in enumerate(teacher_paths)}
     results = {}
     for name in methods:
         if name == cfg.method:
@@ -185,19 +191,20 @@ def run(cfg: TrainConfig) -> dict:
             run_dir = os.path.join(cfg.output_dir, "baselines", name)
             run_cfg = replace(options_for(cfg, name), output_dir=run_dir)
             run_resume = checkpoint.resolve_resume("last", run_dir) if cfg.resume_from_checkpoint else None
-        results[name] = run_student(run_cfg, resolve_method(name), inputs, teacher_path=teacher_path,
-                                    teacher_src=teacher_src, teacher_results=teacher_results, student_src=student_src,
-                                    resume=run_resume, log=log)
+        results[name] = run_student(run_cfg, resolve_method(name), inputs, teacher_paths=teacher_paths,
+                                    teacher_sources=teacher_srcs, teacher_results=teacher_results,
+                                    student_src=student_src, resume=run_resume, log=log)
     if "evaluate" in stages and state.is_main_process:
         finish_comparison(cfg, teacher_results, results, log=log)
     state.wait_for_everyone()
     return results
 
 
-def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_path, teacher_src, teacher_results,
+def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_paths, teacher_sources, teacher_results,
                 student_src, resume, log) -> dict:
     """The method's stages (its own, then the student's) and the evaluate stage of one student in
-    ``cfg.output_dir``."""
+    ``cfg.output_dir``. ``teacher_paths``: the task-trained teachers; ``teacher_results``: their
+    validation rows {name: results}."""
     from kdengine import models  # noqa: PLC0415
     from kdengine.atomic import write_json  # noqa: PLC0415
     from kdengine.methods.base import STUDENT  # noqa: PLC0415
@@ -214,13 +221,11 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
             fh.write(to_yaml(cfg))
     accelerator.wait_for_everyone()
-    teacher = None
-    if teacher_path is not None:
-        teacher, _ = models.load_for_task(teacher_path, cfg.task, inputs.label_names, what="teacher")
-        teacher = models.freeze(teacher).to(accelerator.device)
-    teachers = [teacher] if teacher is not None and method_cls.uses_teacher else []
-    method = method_cls(context(cfg, accelerator, inputs, run_dir, teachers=teachers, log=log,
-                                teacher_sources=[teacher_src] if teacher_src else []))
+    loaded = [models.freeze(models.load_for_task(path, cfg.task, inputs.label_names, what="teacher")[0])
+              .to(accelerator.device) for path in teacher_paths]
+    teacher = loaded[0] if loaded else None       # the first: student_num_layers, the logit plot
+    method = method_cls(context(cfg, accelerator, inputs, run_dir, teachers=loaded if method_cls.uses_teacher else [],
+                                log=log, teacher_sources=teacher_sources))
     train_results = read_json(os.path.join(run_dir, "train_results.json"))
     trained_student = train_results is not None
     if not {"method", "student", "evaluate"} & set(stages):
@@ -235,8 +240,8 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
         student = models.student_from_teacher(teacher, cfg.student_num_layers)
         log(f"[{cfg.method}] student: {cfg.student_num_layers} of the teacher's "
             f"{teacher.config.num_hidden_layers} layers")
-    if student is not None and teacher is not None:
-        models.check_pair(teacher, student, cfg.task)
+    for each in loaded if student is not None else []:
+        models.check_pair(each, student, cfg.task)
     for name in method.stages[:-1]:
         run_method_stage(cfg, method, name, student, log=log)
     trainer = None
@@ -263,8 +268,7 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
         if accelerator.is_main_process:
             eval_results["epoch"] = (train_results or {}).get("epoch")
             write_results(run_dir, "eval", eval_results)
-            teachers = {"teacher": teacher_results} if teacher_results else {}
-            write_results(run_dir, "teacher", {**teachers, **method.teacher_report()})
+            write_results(run_dir, "teacher", {**teacher_results, **method.teacher_report()})
             write_results(run_dir, "all", {**(train_results or {}), **eval_results})
             history = (read_json(os.path.join(run_dir, "trainer_state.json")) or {}).get("log_history", [])
             plot_run(run_dir, history, cfg.best_metric_name(), logits, inputs.label_names)

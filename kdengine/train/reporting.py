@@ -89,16 +89,16 @@ def _metric(values: dict, metric: str):
     return float(value) if isinstance(value, (int, float)) else value
 
 
-def finish_comparison(cfg, teacher_results: dict | None, students: dict[str, dict], log=print) -> dict:
+def finish_comparison(cfg, teacher_results: dict, students: dict[str, dict], log=print) -> dict:
     """Print the table (teachers, then the students in run order) and write output_dir/comparison.json.
 
-    Teacher rows: the task-trained teacher and the rows of the main method's teacher_results.json
-    (e.g. PEE-KD's experts and their fusion).
+    Teacher rows: the task-trained teachers ``teacher_results`` ({name: eval results}) and the rows
+    of the main method's teacher_results.json (e.g. PEE-KD's experts and their fusion).
     """
     metric = cfg.best_metric_name()
-    teachers = {"teacher": teacher_results} if teacher_results else {}
+    teachers = dict(teacher_results)
     main_report = read_json(os.path.join(cfg.output_dir, "teacher_results.json")) or {}
-    teachers.update({k: v for k, v in main_report.items() if k != "teacher" and isinstance(v, dict)})
+    teachers.update({k: v for k, v in main_report.items() if k not in teachers and isinstance(v, dict)})
     rows = comparison_rows(teachers, students, metric)
     columns = ["model", "role", f"eval_{metric}", "eval_loss", "train_time_s"]
     log("\n" + format_table(rows, columns) + "\n")

@@ -20,7 +20,7 @@ from kdengine.train import checkpoint
 
 STAGES_DIR = "stages"
 DONE_MARKER = "stage_complete.json"
-# Names a stage cannot take: they are other outputs of output_dir.
+# Names a stage cannot take: they are other outputs of output_dir (and teacher_<i>, the i-th teacher).
 RESERVED = ("teacher", STAGES_DIR, "baselines", "tiny_models", "runs", "modules")
 
 
@@ -39,7 +39,8 @@ def check_stage_names(names, label: str) -> None:
         raise ValueError(f"method {label}: its stages {names} must end with {STUDENT!r} (the stage that trains "
                          "the final student)")
     for name in names:
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name in RESERVED or names.count(name) > 1:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name in RESERVED or names.count(name) > 1 \
+                or re.fullmatch(r"teacher_\d+", name):
             raise ValueError(f"method {label}: stage name {name!r} must be a unique identifier, not one of "
                              f"{', '.join(RESERVED)}")
 

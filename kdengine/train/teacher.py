@@ -75,8 +75,13 @@ def check_teacher(cfg, inputs, eval_results: dict) -> None:
             f"anyway). Nothing was kept of the teacher stage.")
 
 
-def teacher_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, TEACHER_DIR)
+def teacher_name(index: int) -> str:
+    """The i-th teacher's name: its row in the reports and its directories (teacher, teacher_1, ...)."""
+    return TEACHER_DIR if index == 0 else f"{TEACHER_DIR}_{index}"
+
+
+def teacher_dir(output_dir: str, name: str = TEACHER_DIR) -> str:
+    return os.path.join(output_dir, name)
 
 
 def context(cfg, accelerator, inputs, run_dir: str, teachers=(), log=print, teacher_sources=()) -> RunContext:
@@ -89,32 +94,34 @@ def context(cfg, accelerator, inputs, run_dir: str, teachers=(), log=print, teac
                       teacher_sources=list(teacher_sources), domain_names=inputs.domain_names)
 
 
-def prepare_teacher(cfg, inputs, source: str, *, needs_training: bool = False, log=print) -> str:
+def prepare_teacher(cfg, inputs, source: str, *, name: str = TEACHER_DIR, needs_training: bool = False,
+                    log=print) -> str:
     """Return the directory of a task-trained teacher, fine-tuning ``source`` when needed.
 
-    The fine-tuning is the stage ``teacher`` on the shared loop (NoKD loss): it trains in
-    ``output_dir/stages/teacher`` (checkpoints; ``resume_from_checkpoint`` continues it) and
-    writes ``output_dir/teacher`` atomically once the teacher passes :func:`check_teacher`.
+    The fine-tuning is the stage ``name`` on the shared loop (NoKD loss): it trains in
+    ``output_dir/stages/<name>`` (checkpoints; ``resume_from_checkpoint`` continues it) and
+    writes ``output_dir/<name>`` atomically once the teacher passes :func:`check_teacher`.
 
     Args:
-        source: teacher_model_name_or_path (local directory or hub name).
+        source: one teacher of teacher_model_name_or_path (local directory or hub name).
+        name: :func:`teacher_name` of its index.
         needs_training: fine-tune even when a task head is present (tiny randomly initialised models).
     """
-    out = teacher_dir(cfg.output_dir)
+    out = teacher_dir(cfg.output_dir, name)
     if stage_done(out):
-        log(f"[teacher] reusing the fine-tuned teacher in {out}")
+        log(f"[{name}] reusing the fine-tuned teacher in {out}")
         return out
     model, head_trained = models.load_for_task(source, cfg.task, inputs.label_names, what="teacher_model_name_or_path")
     if head_trained and not needs_training:
-        log(f"[teacher] {source} already holds a {cfg.task} head for {inputs.label_names}: used as is")
+        log(f"[{name}] {source} already holds a {cfg.task} head for {inputs.label_names}: used as is")
         return source
-    work = work_dir(cfg.output_dir, TEACHER_DIR)
+    work = work_dir(cfg.output_dir, name)
     resume = checkpoint.latest_checkpoint(work) if cfg.resume_from_checkpoint else None
-    log(f"[teacher] fine-tuning {source} on the task ({cfg.teacher_num_train_epochs} epochs, "
+    log(f"[{name}] fine-tuning {source} on the task ({cfg.teacher_num_train_epochs} epochs, "
         f"lr {cfg.teacher_learning_rate})")
     accelerator = stage_accelerator(cfg, work)
     method = NoKD(context(dataclasses.replace(cfg, options=MethodOptions()), accelerator, inputs, work, log=log))
-    stage = Stage(TEACHER_DIR, {TEACHER_DIR: model}, cfg.teacher_learning_rate, cfg.teacher_num_train_epochs)
+    stage = Stage(name, {name: model}, cfg.teacher_learning_rate, cfg.teacher_num_train_epochs)
     trainer = Trainer(cfg, accelerator, method, stage, work)
     train_results = trainer.train(resume)
     eval_results = trainer.evaluate()
@@ -135,7 +142,7 @@ def prepare_teacher(cfg, inputs, source: str, *, needs_training: bool = False, l
             write_json(os.path.join(tmp, DONE_MARKER), train_results)
         checkpoint.prune(work, 0)
     accelerator.wait_for_everyone()
-    log(f"[teacher] done: eval_{cfg.best_metric_name()} = {eval_results.get(f'eval_{cfg.best_metric_name()}')}"
+    log(f"[{name}] done: eval_{cfg.best_metric_name()} = {eval_results.get(f'eval_{cfg.best_metric_name()}')}"
         f" (saved to {out})")
     return out
 
