@@ -70,6 +70,38 @@ def finish_lse_split(m, d):
 
 
 @triton.jit
+def online_kl_step(acc, a_t, f_t, e_t, a_s, f_s, e_s, KIND: tl.constexpr):
+    # One chunk of the KL family's D accumulated online, relative to the running normaliser of its
+    # weights (f, e: online_step's rescale factor and exp2 of the teacher / student at base-2 logits
+    # a); zero-weight columns contribute 0 (0 · log 0 = 0):
+    #   forward_kl acc = Σ e_t (a_t − a_s)   soft_ce acc = Σ e_t a_s   reverse_kl acc = Σ e_s (a_s − a_t)
+    if KIND == FORWARD_KL:
+        acc = acc * f_t + tl.where(a_t > float("-inf"), e_t * (a_t - a_s), 0.0)
+    elif KIND == SOFT_CE:
+        acc = acc * f_t + tl.where(a_t > float("-inf"), e_t * a_s, 0.0)
+    else:
+        acc = acc * f_s + tl.where(a_s > float("-inf"), e_s * (a_s - a_t), 0.0)
+    return acc
+
+
+@triton.jit
+def online_kl_finish(acc, z_t, z_s, lse_t, lse_s, KIND: tl.constexpr):
+    # (D, Σr, Σσ) from online_kl_step's sums and the (reference, log2 Σ) log-sum-exps L of both sides:
+    #   forward_kl = ln2 · (Σ p (a_t − a_s) − L_t + L_s)   soft_ce = ln2 · (L_s − Σ p a_s)
+    #   reverse_kl = ln2 · (Σ q (a_s − a_t) − L_s + L_t),  Σ p x = Σ e_t x / Σ e_t
+    # and the gradients' row sums (module docstring): Σσ = −1, Σr = D; reverse_kl Σr = −1, Σσ = D.
+    if KIND == FORWARD_KL:
+        d = LN2 * (tl.sum(acc, axis=0) / tl.sum(z_t, axis=0) + (lse_s[0] - lse_t[0]) + (lse_s[1] - lse_t[1]))
+        return d, d, -1.0
+    elif KIND == SOFT_CE:
+        d = LN2 * (lse_s[0] + lse_s[1] - tl.sum(acc, axis=0) / tl.sum(z_t, axis=0))
+        return d, d, -1.0
+    else:
+        d = LN2 * (tl.sum(acc, axis=0) / tl.sum(z_s, axis=0) + (lse_t[0] - lse_s[0]) + (lse_t[1] - lse_s[1]))
+        return d, -1.0, d
+
+
+@triton.jit
 def load_row(row_ptr, offs, V):
     # Out-of-row lanes read −inf: zero probability, and excluded by every finite-mask.
     return tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)

@@ -42,12 +42,14 @@ from kdengine.kernels.divergence import (
     REVERSE_KL,
     SOFT_CE,
     TVD,
+    TVD_SUMS,
     divergence_terms,
     finish_lse,
     finish_lse_split,
     load_row,
+    online_kl_finish,
+    online_kl_step,
     online_step,
-    TVD_SUMS,
     tvd_chunk_sums,
     tvd_distance,
     tvd_student_grad,
@@ -98,6 +100,7 @@ def _kd_fwd_row(s_row, t_row, stats_row, V, label, c, kd_scale, hard_weight, bet
     # Row loss before the row weight: kd_scale · D + hard_weight · CE; stores the statistics.
     cols = tl.arange(0, BLOCK)
     SOFTMAX: tl.constexpr = KIND != MSE
+    ONLINE_KL: tl.constexpr = KIND == FORWARD_KL or KIND == SOFT_CE or KIND == REVERSE_KL
 
     # ---- pass 1: softmax statistics (+ D of forward_kl / reverse_kl / soft_ce) ----------------
     m_s = float("-inf")
@@ -118,17 +121,8 @@ def _kd_fwd_row(s_row, t_row, stats_row, V, label, c, kd_scale, hard_weight, bet
                 z_s = z_s * alpha_s + e_s
                 m_t, alpha_t, e_t = online_step(m_t, a_t)
                 z_t = z_t * alpha_t + e_t
-                # D accumulated with the running normaliser of its weights (zero-weight columns
-                # contribute 0: 0 · log 0 = 0):
-                #   forward_kl = ln2 · (Σ p (a_t − a_s) − L_t + L_s),  Σ p x = Σ e_t x / Σ e_t
-                #   soft_ce    = ln2 · (L_s − Σ p a_s)
-                #   reverse_kl = ln2 · (Σ q (a_s − a_t) − L_s + L_t)
-                if KIND == FORWARD_KL:
-                    acc = acc * alpha_t + tl.where(a_t > float("-inf"), e_t * (a_t - a_s), 0.0)
-                if KIND == SOFT_CE:
-                    acc = acc * alpha_t + tl.where(a_t > float("-inf"), e_t * a_s, 0.0)
-                if KIND == REVERSE_KL:
-                    acc = acc * alpha_s + tl.where(a_s > float("-inf"), e_s * (a_s - a_t), 0.0)
+                if ONLINE_KL:  # D of forward_kl / soft_ce / reverse_kl in this same pass
+                    acc = online_kl_step(acc, a_t, alpha_t, e_t, a_s, alpha_s, e_s, KIND)
             if OWN_T1:
                 m_1, alpha_1, e_1 = online_step(m_1, s * LOG2E)
                 z_1 = z_1 * alpha_1 + e_1
@@ -143,19 +137,8 @@ def _kd_fwd_row(s_row, t_row, stats_row, V, label, c, kd_scale, hard_weight, bet
     if SOFTMAX:
         r_s, ls_s = finish_lse_split(m_s, z_s)
         r_t, ls_t = finish_lse_split(m_t, z_t)
-        # Σσ and Σr of the gradients (kdengine.kernels.divergence): known constants and D.
-        if KIND == FORWARD_KL:
-            d = LN2 * (tl.sum(acc, axis=0) / tl.sum(z_t, axis=0) + (r_s - r_t) + (ls_s - ls_t))
-            sum_r = d
-            sum_sigma = -1.0
-        if KIND == SOFT_CE:
-            d = LN2 * (r_s + ls_s - tl.sum(acc, axis=0) / tl.sum(z_t, axis=0))
-            sum_r = d
-            sum_sigma = -1.0
-        if KIND == REVERSE_KL:
-            d = LN2 * (tl.sum(acc, axis=0) / tl.sum(z_s, axis=0) + (r_t - r_s) + (ls_t - ls_s))
-            sum_r = -1.0
-            sum_sigma = d
+        if ONLINE_KL:
+            d, sum_r, sum_sigma = online_kl_finish(acc, z_t, z_s, (r_t, ls_t), (r_s, ls_s), KIND)
 
     # Hard-label CE at T=1: ln Σ exp(s) − s[label]. A label outside [0, V) (and not ignore_index)
     # makes it NaN: no finite loss for a row whose target does not exist.

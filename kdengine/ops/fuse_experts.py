@@ -156,14 +156,17 @@ def _kernel_reasons(name: str, experts, others, student=None) -> list[str]:
 
 
 def _primitives(name: str):
-    """(kd rows primitive, fuse primitive) of a fused backend, imported lazily."""
+    """(kd loss kernels, fuse primitive) of a fused backend, imported lazily. The kd loss kernels are
+    the (forward, backward) pair of Triton's recompute-in-backward design, or CUDA's rows primitive
+    (gradients written in the forward)."""
     if name == "triton":
         from kdengine.kernels.fuse_experts import (  # noqa: PLC0415
             fuse_experts_triton,
-            fused_experts_kd_rows_triton,
+            fused_experts_kd_backward_triton,
+            fused_experts_kd_forward_triton,
         )
 
-        return fused_experts_kd_rows_triton, fuse_experts_triton
+        return (fused_experts_kd_forward_triton, fused_experts_kd_backward_triton), fuse_experts_triton
     if name == "cuda":
         from kdengine.ops._cuda import fuse_experts_cuda, fused_experts_kd_rows_cuda  # noqa: PLC0415
 
@@ -326,9 +329,35 @@ class FusedExpertsKDLossTorchFunction(torch.autograd.Function):
         return grad_s, grad_e, None, None, None, None, None, None, None
 
 
+class FusedExpertsKDRecomputeFunction(torch.autograd.Function):
+    """Triton, recompute-in-backward: the forward keeps the logits (saved, not copied), α and fp32 row
+    statistics; the backward re-reads the logits and writes each gradient once, already scaled by
+    grad_output (fp32, one rounding). Nothing [N, V] or [K, N, V] lives between the two."""
+
+    @staticmethod
+    def forward(ctx, student, experts, labels, row_weights, grad_scale, spec, reduction, fusion, weights, kernels):
+        forward, ctx.backward_kernel = kernels
+        weighting, space, sharpness = fusion
+        row_loss, alpha, _, stats = forward(student, experts, labels, row_weights, spec, weighting, space,
+                                            sharpness, weights)
+        ctx.spec, ctx.reduction, ctx.space = spec, reduction, space
+        ctx.save_for_backward(student, experts, labels, row_weights, grad_scale, alpha, stats)
+        if reduction == "none":
+            return row_loss
+        return row_loss.sum() * grad_scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student, experts, labels, row_weights, grad_scale, alpha, stats = ctx.saved_tensors
+        scale = grad_output if ctx.reduction == "none" else grad_output * grad_scale
+        grad_s, grad_e = ctx.backward_kernel(student, experts, labels, row_weights, alpha, stats, scale.float(),
+                                             ctx.spec, ctx.space, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_s, grad_e, None, None, None, None, None, None, None, None
+
+
 class FusedExpertsKDLossFunction(torch.autograd.Function):
-    """Fused backends: reduce the rows of the primitive; backward scales the gradients it wrote
-    in forward, in place (so the backward of one loss can run only once)."""
+    """CUDA: reduce the rows of the primitive; backward scales the gradients it wrote in forward, in
+    place (so the backward of one loss can run only once)."""
 
     @staticmethod
     def forward(ctx, student, experts, labels, row_weights, grad_scale, spec, reduction, fusion, weights,
@@ -391,5 +420,6 @@ def fused_experts_kd_loss(student_logits: torch.Tensor, expert_logits: torch.Ten
     if name == "torch":
         return FusedExpertsKDLossTorchFunction.apply(student_logits, expert_logits, labels, row_weights,
                                                      grad_scale, spec, reduction, fusion, weights)
-    return FusedExpertsKDLossFunction.apply(student_logits, expert_logits, labels, row_weights, grad_scale,
-                                            spec, reduction, fusion, weights, _primitives(name)[0])
+    function = FusedExpertsKDRecomputeFunction if name == "triton" else FusedExpertsKDLossFunction
+    return function.apply(student_logits, expert_logits, labels, row_weights, grad_scale, spec, reduction, fusion,
+                          weights, _primitives(name)[0])
