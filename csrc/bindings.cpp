@@ -2,7 +2,7 @@
 //
 // Each binding checks its tensors (device, dtype, unit stride of the last dimension, shapes;
 // ValueError in Python when one is wrong), allocates the outputs and calls an `extern "C"`
-// launcher of csrc/*.cu (declared in common.cuh). The CUDA stream comes from Python as an int
+// launcher of csrc/*.cu (declared in launchers.h). The CUDA stream comes from Python as an int
 // (torch.cuda.current_stream().cuda_stream) and the device guard too
 // (`with torch.cuda.device(t.device)`), so no c10/cuda or CUDA header is included here. The
 // Python side, with the argument conventions, is kdengine/ops/_cuda.py.
@@ -11,7 +11,7 @@
 #include <optional>
 #include <tuple>
 
-#include "common.cuh"
+#include "launchers.h"
 
 namespace {
 

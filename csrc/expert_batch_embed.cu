@@ -12,7 +12,7 @@
 //   grad_prompts[e, p] = Σ over rows r using e, in increasing r, of grad[r, n + p]   (one block per (e, p))
 //   grad_weight[id]    = Σ over the token slots of id in (stable) sorted order, then over the rows
 //                        of the slot's example, of grad[r, position of the token]   (one block per id)
-#include "common.cuh"
+#include "device.cuh"
 
 namespace kdengine {
 namespace {

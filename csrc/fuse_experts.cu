@@ -17,7 +17,7 @@
 // the prob-space gradient is c · α_k p_k (g − Σ_j p_k,j g_j), g = ½ sign(p̄ − q), c = dL/dD / T,
 // with Σ p_k g from p_k's sums split by the sign of g (tvd_centered: no cancellation when expert k
 // is peaked).
-#include "common.cuh"
+#include "kd_row.cuh"
 
 namespace kdengine {
 namespace {
@@ -83,7 +83,7 @@ __device__ void expert_statistics(const FusionArgs& f, const T* row0, int64_t V,
   __syncthreads();
 }
 
-// The fused teacher of one row (the Teacher policy of kd_loss_row, see common.cuh).
+// The fused teacher of one row (the Teacher policy of kd_loss_row, see kd_row.cuh).
 template <typename T, int KIND, int SPACE>
 struct FusedTeacher {
   static constexpr int N = Vec<T>::n;

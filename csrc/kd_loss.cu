@@ -8,7 +8,7 @@
 //            student log-sum-exp, then the row sums); mse: 2 (+1 with a hard label).
 //   backward 2 reads + 1 write per gradient asked for (kd_loss_row, kBackwardFromStats).
 // Nothing [N, V]-sized is allocated besides the gradients themselves.
-#include "common.cuh"
+#include "kd_row.cuh"
 
 namespace kdengine {
 namespace {

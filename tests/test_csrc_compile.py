@@ -1,10 +1,10 @@
 """csrc/ compiles on a machine without a GPU (nothing here runs a kernel).
 
 * every csrc/*.cu compiles with nvcc for sm_90 (when nvcc is on PATH), without a warning from our
-  own sources, and defines the ``extern "C"`` launchers that common.cuh declares;
+  own sources, and defines the ``extern "C"`` launchers that csrc/launchers.h declares;
 * csrc/bindings.cpp (the only torch-facing file) passes ``g++ -fsyntax-only`` against the
   installed torch headers (when g++, the torch headers and Python.h exist);
-* the option codes of kdengine/ops/_cuda.py equal the enums of csrc/common.cuh.
+* the option codes of kdengine/ops/_cuda.py equal the enums of csrc/launchers.h.
 
 The compiles run once per session, two at a time (about a minute on 2 CPU cores).
 """
@@ -85,7 +85,7 @@ def _our_warnings(stderr: str, source: str) -> list[str]:
 
 
 def _declared_launchers() -> list[str]:
-    text = (CSRC / "common.cuh").read_text()
+    text = (CSRC / "launchers.h").read_text()
     block = text[text.index('extern "C" {'):]
     return re.findall(r"const char\* (kdengine_\w+)\(", block[:block.index("}")])
 
@@ -134,7 +134,7 @@ def test_bindings_syntax(compiled):
 
 
 def _enum(name: str) -> dict[str, int]:
-    text = (CSRC / "common.cuh").read_text()
+    text = (CSRC / "launchers.h").read_text()
     body = re.search(r"enum " + name + r" : int \{([^}]*)\}", text).group(1)
     return {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
 
@@ -148,7 +148,7 @@ def _enum(name: str) -> dict[str, int]:
     ("FusionSpace", _cuda.SPACE_CODES, {"logit": "kLogitSpace", "prob": "kProbSpace"}),
     ("Placement", _cuda.PLACEMENT_CODES, {"prepend": "kPrepend", "append": "kAppend"}),
 ])
-def test_python_codes_match_common_cuh(enum, codes, names):
+def test_python_codes_match_launchers_h(enum, codes, names):
     values = _enum(enum)
     assert {key: values[names[key]] for key in codes} == codes
     assert len(values) == len(codes)

@@ -7,7 +7,7 @@ extension as an int. Conversions done here, so that the kernels see one layout:
 * logits with a non-unit last stride are copied contiguous (any row stride is used as is);
 * labels -> int64, row_weights -> fp32, input ids / masks / expert indices -> contiguous int64,
   prompts -> the embedding weight's dtype (as the reference does);
-* option strings -> the integer codes of csrc/common.cuh.
+* option strings -> the integer codes of csrc/launchers.h.
 
 The functions implement the fused-backend primitives of kd_loss, fuse_experts and
 expert_batch_embed with the signatures their dispatchers document.
@@ -20,7 +20,7 @@ import torch
 from kdengine import _ext
 from kdengine.ops._backends import BackendUnavailable
 
-# Integer codes of csrc/common.cuh (enums Divergence, Weighting, FusionSpace, Placement).
+# Integer codes of csrc/launchers.h (enums Divergence, Weighting, FusionSpace, Placement).
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "soft_ce": 2, "jsd": 3, "tvd": 4, "mse": 5}
 WEIGHTING_CODES = {"uniform": 0, "entropy": 1, "confidence": 2}
 SPACE_CODES = {"logit": 0, "prob": 1}
