@@ -1,6 +1,6 @@
 """Trainer overhead: a full kdengine training step against the bare model work on the same batch.
 
-    python -m benchmarks.bench_train_step [--model tiny|minilm] [--methods no_kd,vanilla_kd[,pee_kd]]
+    python -m benchmarks.bench_train_step [--model tiny|minilm] [--methods no_kd,vanilla_kd]
                                          [--batch 32] [--seq 64] [--steps 30] [--device cpu|cuda]
 
 Providers (same models, same batch, same optimizer settings):
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import tempfile
 import time
@@ -80,8 +79,7 @@ def _setup(args, workdir: str):
 
 
 def _bare_step(teacher, student, optimizer, batch, uses_teacher: bool):
-    """The model work of one step in plain PyTorch. ``teacher`` maps the inputs to [B, C] logits
-    (for PEE-KD: the K prompt experts' batched forward, averaged in logit space)."""
+    """The model work of one step in plain PyTorch. ``teacher`` maps the inputs to [B, C] logits."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     logits = student(**inputs).logits
     loss = F.cross_entropy(logits, batch["labels"])
@@ -97,32 +95,32 @@ def _bare_step(teacher, student, optimizer, batch, uses_teacher: bool):
 
 
 def _measure(method_name: str, args, cfg, inputs, teacher, new_student, batch, workdir: str) -> list[dict]:
-    from kdengine.methods import get_method_class
+    from kdengine.methods import resolve_method
+    from kdengine.methods.base import STUDENT
     from kdengine.train.teacher import context
     from kdengine.train.trainer import Trainer, make_accelerator, param_groups
 
     cfg = dataclasses.replace(cfg, method=method_name)
-    method_cls = get_method_class(method_name)
+    method_cls = resolve_method(method_name)
     run_dir = os.path.join(workdir, method_name)
     os.makedirs(run_dir, exist_ok=True)
     accelerator = make_accelerator(cfg, run_dir)
-    ctx = context(cfg, accelerator, inputs, run_dir, teacher=teacher if method_cls.uses_teacher else None,
+    ctx = context(cfg, accelerator, inputs, run_dir, teachers=[teacher] if method_cls.uses_teacher else [],
                   log=lambda message: None)
     method = method_cls(ctx)
-    method.prepare()
+    if tuple(method.stages) != (STUDENT,):
+        raise SystemExit(f"{method_name}: multi-stage methods ({', '.join(method.stages)}) are not benchmarked here")
 
     bare_student = new_student().to(args.device)
     bare_optimizer = torch.optim.AdamW(param_groups(bare_student, cfg.weight_decay), lr=cfg.learning_rate)
-    if method_name == "pee_kd":
-        def bare_teacher(inputs):
-            return method.experts(**inputs).logits.mean(0)           # [K, B, C] -> logit average
-    else:
-        def bare_teacher(inputs):
-            return teacher(**inputs).logits
+
+    def bare_teacher(inputs):
+        return teacher(**inputs).logits
     bare = time_ms(lambda: _bare_step(bare_teacher, bare_student, bare_optimizer, batch, method_cls.uses_teacher),
                    device=args.device)
 
-    trainer = Trainer(cfg, accelerator, new_student(), method, run_dir, save_checkpoints=False, desc=method_name)
+    trainer = Trainer(cfg, accelerator, method, method.build_stage(STUDENT, new_student()), run_dir,
+                      save_checkpoints=False, desc=method_name)
     step = time_ms(lambda: trainer.training_step(batch), device=args.device)
 
     loader = torch.utils.data.DataLoader(inputs.train_dataset, batch_size=args.batch, collate_fn=inputs.collate_fn)
@@ -133,7 +131,8 @@ def _measure(method_name: str, args, cfg, inputs, teacher, new_student, batch, w
         _bare_step(bare_teacher, loop_student, loop_optimizer, {k: v.to(args.device) for k, v in item.items()},
                    method_cls.uses_teacher)
     bare_loop = (time.perf_counter() - started) * 1000 / args.steps
-    loop_trainer = Trainer(cfg, accelerator, new_student(), method, run_dir, save_checkpoints=False, desc=method_name)
+    loop_trainer = Trainer(cfg, accelerator, method, method.build_stage(STUDENT, new_student()), run_dir,
+                           save_checkpoints=False, desc=method_name)
     started = time.perf_counter()
     loop_trainer.train()
     loop = (time.perf_counter() - started) * 1000 / args.steps
@@ -158,8 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
-    methods = [m for m in args.methods.split(",")
-               if m != "pee_kd" or importlib.util.find_spec("kdengine.methods.pee_kd") is not None]
+    methods = args.methods.split(",")
     rows = ResultRows("train_step")
     with tempfile.TemporaryDirectory() as workdir:
         cfg, inputs, teacher, new_student, batch = _setup(args, workdir)
