@@ -5,3 +5,6 @@ Face's convention, -100). Every op and reference takes it as the default ``ignor
 """
 
 IGNORE_INDEX = -100
+
+TASKS = ("sequence_classification", "token_classification", "causal_lm")
+"""The task types: a label per sequence, a label per token, or next-token prediction on responses."""

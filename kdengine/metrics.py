@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdengine.constants import IGNORE_INDEX
+from kdengine.constants import IGNORE_INDEX, TASKS
 
 
 def _as_int_array(name: str, values) -> np.ndarray:
@@ -40,14 +40,14 @@ def compute_metrics(
     * ``token_classification``: predictions/references [N, L] (padded with -100 in the references)
       -> ``{"precision", "recall", "f1"}`` (seqeval micro average over entities, IOB2 tags) and
       ``{"accuracy"}`` (token accuracy over the scored positions).
+    * ``causal_lm``: predicted/reference next-token ids [N, L] (-100 off the responses) ->
+      ``{"accuracy"}`` (next-token accuracy on the responses); ``label_names`` is not used.
 
     Values are python floats in [0, 1]. Raises ValueError on shape mismatch, ids outside
     ``label_names``, or when no position is labeled.
     """
-    if task not in ("sequence_classification", "token_classification"):
-        raise ValueError(
-            f"unknown task {task!r}; expected 'sequence_classification' or 'token_classification'"
-        )
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     predictions = _as_int_array("predictions", predictions)
     references = _as_int_array("references", references)
     expected_ndim = 1 if task == "sequence_classification" else 2
@@ -61,6 +61,8 @@ def compute_metrics(
         raise ValueError(
             "no labeled positions: every reference is -100 (an unlabeled split cannot be scored)"
         )
+    if task == "causal_lm":
+        return {"accuracy": float((predictions[keep] == references[keep]).mean())}
     _check_ids("references", references[keep], len(label_names))
     _check_ids("predictions", predictions[keep], len(label_names))
 

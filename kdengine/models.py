@@ -1,6 +1,6 @@
 """Loading teachers and students, DistilBERT-style student initialisation, compatibility checks.
 
-Models are transformers ``AutoModelFor{Sequence,Token}Classification`` loaded from local
+Models are transformers ``AutoModelFor{Sequence,Token}Classification`` / ``AutoModelForCausalLM`` loaded from local
 directories or hub names. Offline, a hub name that is not in the local cache fails with a clear
 message instead of a network traceback.
 """
@@ -11,11 +11,12 @@ import copy
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification,
-                "token_classification": AutoModelForTokenClassification}
+                "token_classification": AutoModelForTokenClassification,
+                "causal_lm": AutoModelForCausalLM}
 
 
 def resolve(name_or_path: str, what: str) -> str:
@@ -42,9 +43,11 @@ def load_for_task(name_or_path: str, task: str, label_names: list[str], *, what:
 
     Returns ``(model, head_trained)``: ``head_trained`` is True when the checkpoint already held
     the task head for the same label set (no missing head weights, same id2label), i.e. the model
-    is already trained for this task and can be used as is.
+    is already trained for this task and can be used as is; always True for ``causal_lm``.
     """
     path = resolve(name_or_path, what)
+    if task == "causal_lm":                       # the LM head is the task head
+        return AUTO_CLASSES[task].from_pretrained(path), True
     config = AutoConfig.from_pretrained(path)
     saved = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
     same_labels = saved == dict(enumerate(label_names))

@@ -5,7 +5,7 @@ An option is a dataclass field made with :func:`option` (default, help text, opt
 :class:`Schema` reads a dataclass's options: it converts YAML and command-line values to the
 field's type and checks choices, so the command line, YAML and ``--help`` of
 :mod:`kdengine.config` treat the general options and any method's options alike. This module
-imports nothing of kdengine: methods (:mod:`kdengine.methods`) and the trainer build on it.
+imports only :mod:`kdengine.constants`: methods (:mod:`kdengine.methods`) and the trainer build on it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from kdengine.constants import TASKS
+
 STRATEGIES = ("no", "steps", "epoch")
 STAGES = ("teacher", "method", "student", "evaluate")
-TASKS = ("sequence_classification", "token_classification")
 REPORT_TO = ("tensorboard", "none")
 
 
@@ -155,8 +156,8 @@ class TrainConfig:
         None, "'last' / true: every stage resumes from its latest complete checkpoint; or the student's "
               "checkpoint directory", convert=_resume_value)
     report_to: str = option("tensorboard", "comma list of trackers: tensorboard, or none")
-    metric_for_best_model: str | None = option(None, "validation metric tracked as best (default accuracy, or f1 "
-                                                     "for token classification)")
+    metric_for_best_model: str | None = option(None, "validation metric tracked as best (default accuracy; f1 for "
+                                                     "token classification; loss for causal_lm)")
     dataloader_num_workers: int = option(0, "DataLoader worker processes")
 
     # ---- what to run ----
@@ -176,9 +177,9 @@ class TrainConfig:
     test_file: str | None = option(None, "test file")
     dataset_name: str | None = option(None, "datasets hub name (instead of files)")
     dataset_config_name: str | None = option(None, "datasets config name")
-    text_column: str | None = option(None, "text column (default: the data layer's choice, e.g. sentence)")
+    text_column: str | None = option(None, "text column (default: sentence; causal_lm: prompt, the instruction)")
     text_pair_column: str | None = option(None, "second text column of sentence-pair tasks")
-    label_column: str | None = option(None, "label column")
+    label_column: str | None = option(None, "label column (default: label; causal_lm: response, the target text)")
     max_seq_length: int = option(128, "maximum tokens per example (longer ones are truncated)")
     max_train_samples: int | None = option(None, "use only the first N training examples")
     max_eval_samples: int | None = option(None, "use only the first N validation examples")
@@ -215,7 +216,8 @@ class TrainConfig:
 
     def best_metric_name(self) -> str:
         """``metric_for_best_model`` without its eval_ prefix (default by task)."""
-        name = self.metric_for_best_model or ("f1" if self.task == "token_classification" else "accuracy")
+        default = {"token_classification": "f1", "causal_lm": "loss"}.get(self.task, "accuracy")
+        name = self.metric_for_best_model or default
         return name[len("eval_"):] if name.startswith("eval_") else name
 
     def to_dict(self) -> dict:

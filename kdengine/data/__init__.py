@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdengine.constants import TASKS
+
 __all__ = ["TaskData", "load_task_data", "tokenize_split", "make_collate_fn"]
 
 
@@ -21,10 +23,11 @@ class TaskData:
 
     Sequence classification example: ``{"text": str, "text_pair": str | None, "label": int | None,
     "domain": str | None}`` (label None only in an unlabeled test split). Token classification
-    example: ``{"tokens": list[str], "tags": list[int]}`` (IOB2 tag ids).
+    example: ``{"tokens": list[str], "tags": list[int]}`` (IOB2 tag ids). Causal LM example:
+    ``{"prompt": str, "response": str}`` (``label_names`` is empty).
     """
 
-    task: str  # "sequence_classification" | "token_classification"
+    task: str  # "sequence_classification" | "token_classification" | "causal_lm"
     label_names: list[str]
     train: list[dict]
     validation: list[dict] | None
@@ -58,7 +61,8 @@ def load_task_data(args) -> TaskData:
     (``n_train``, ``n_validation``, ``n_test``, ``noise``; an object or a dict) and ``seed``.
 
     Column options: ``text_column`` (default "sentence"), ``text_pair_column`` (None),
-    ``label_column`` ("label"). The label set comes from the training split (sorted; the hub's
+    ``label_column`` ("label"); for ``causal_lm`` (local files only) ``text_column`` is the prompt
+    (default "prompt") and ``label_column`` the response ("response"), and there is no label set. The label set comes from the training split (sorted; the hub's
     ClassLabel order when it has one). ``max_train_samples`` / ``max_eval_samples`` keep the
     FIRST N examples of the train / validation and test splits (as the Hugging Face example
     scripts do: deterministic, no shuffle). Every problem is a ValueError raised here, before
@@ -67,17 +71,17 @@ def load_task_data(args) -> TaskData:
     from kdengine.data import readers
 
     task = _option(args, "task", "sequence_classification")
-    if task not in readers.TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(readers.TASKS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     max_train = _check_count("max_train_samples", _option(args, "max_train_samples"))
     max_eval = _check_count("max_eval_samples", _option(args, "max_eval_samples"))
     train_file = _option(args, "train_file")
     dataset_name = _option(args, "dataset_name")
     eval_files = {"validation": _option(args, "validation_file"), "test": _option(args, "test_file")}
     columns = dict(
-        text_column=_option(args, "text_column") or "sentence",
+        text_column=_option(args, "text_column") or ("prompt" if task == "causal_lm" else "sentence"),
         text_pair_column=_option(args, "text_pair_column"),
-        label_column=_option(args, "label_column") or "label",
+        label_column=_option(args, "label_column") or ("response" if task == "causal_lm" else "label"),
     )
 
     if train_file and dataset_name:
@@ -96,6 +100,9 @@ def load_task_data(args) -> TaskData:
             if path:
                 raw[split] = readers.read_split(path, task, labels_required=split != "test", **columns)
     elif dataset_name:
+        if task == "causal_lm":
+            raise ValueError("causal_lm reads local files (train_file=..., .jsonl with prompt/response columns); "
+                             "dataset_name is not supported for it")
         raw = readers.load_hub_splits(dataset_name, _option(args, "dataset_config_name"), task, **columns)
     else:
         if task != "sequence_classification":
@@ -112,8 +119,11 @@ def load_task_data(args) -> TaskData:
         )
         return _subsample(data, max_train, max_eval)
 
-    label_names = readers.label_set(raw["train"], task)
-    splits = {name: readers.encode_labels(split, task, label_names) for name, split in raw.items()}
+    if task == "causal_lm":                      # no label set: the targets are the response tokens
+        label_names, splits = [], {name: split.examples for name, split in raw.items()}
+    else:
+        label_names = readers.label_set(raw["train"], task)
+        splits = {name: readers.encode_labels(split, task, label_names) for name, split in raw.items()}
     data = TaskData(
         task=task,
         label_names=label_names,

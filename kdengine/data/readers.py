@@ -17,7 +17,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-TASKS = ("sequence_classification", "token_classification")
 CLASSIFICATION_EXTENSIONS = (".tsv", ".csv", ".jsonl")
 _INT_LABEL = re.compile(r"-?\d+")
 _IOB2_TAG = re.compile(r"O|[BI]-\S+")
@@ -244,6 +243,32 @@ def read_conll_file(path: str) -> RawSplit:
     return RawSplit(source=path, examples=examples, where=where)
 
 
+def read_instruction_file(path: str, *, prompt_column: str = "prompt", response_column: str = "response") -> RawSplit:
+    """Read causal-LM instruction data: ``{"prompt": str, "response": str}`` examples from a
+    ``.jsonl`` file (or a ``.tsv``/``.csv`` with a header row), columns named by the options."""
+    _check_file(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        rows = ((line, keys, obj) for line, keys, obj in _rows_from_jsonl(path))
+    elif ext in (".tsv", ".csv"):
+        delimiter, quoting = ("\t", csv.QUOTE_NONE) if ext == ".tsv" else (",", csv.QUOTE_MINIMAL)
+        rows = ((line, header, dict(zip(header, row))) for line, header, row in _rows_from_table(path, delimiter, quoting))
+    else:
+        raise ValueError(f"{path}: unknown extension {ext!r}; causal_lm data is .jsonl, .tsv or .csv")
+    examples, where = [], []
+    for line, columns, row in rows:
+        for column in (prompt_column, response_column):
+            if column not in columns:
+                raise ValueError(f"{path}:{line}: column {column!r} not found; available columns: {columns}")
+            if not isinstance(row[column], str) or not row[column].strip():
+                raise ValueError(f"{path}:{line}: {column!r} must be a non-empty string, got {row[column]!r}")
+        examples.append({"prompt": row[prompt_column], "response": row[response_column]})
+        where.append(f"{path}:{line}")
+    if not examples:
+        raise ValueError(f"{path}: no examples found")
+    return RawSplit(source=path, examples=examples, where=where)
+
+
 def read_split(
     path: str,
     task: str,
@@ -253,9 +278,12 @@ def read_split(
     label_column: str = "label",
     labels_required: bool = True,
 ) -> RawSplit:
-    """Read one local split for ``task`` (CoNLL for token classification, else by extension)."""
+    """Read one local split for ``task`` (CoNLL for token classification, instruction data for
+    causal_lm with ``text_column``/``label_column`` as the prompt/response columns, else by extension)."""
     if task == "token_classification":
         return read_conll_file(path)
+    if task == "causal_lm":
+        return read_instruction_file(path, prompt_column=text_column, response_column=label_column)
     return read_classification_file(
         path,
         text_column=text_column,

@@ -12,13 +12,15 @@ Items of the tokenized dataset::
 * Token classification: ``labels`` has one entry per token; the word's tag id on the FIRST
   sub-token of each word and -100 on the other sub-tokens and on special tokens (see
   ``label_all_tokens``). Words cut off by truncation have no label anywhere.
+* Causal LM: prompt + response + eos; ``labels[t]`` = the next token on response positions
+  (already shifted: logits at t predict it), -100 on the prompt (not trained on) and at the end.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kdengine.constants import IGNORE_INDEX
+from kdengine.constants import IGNORE_INDEX, TASKS
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -35,10 +37,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def _check_common(task: str, max_seq_length) -> None:
-    if task not in ("sequence_classification", "token_classification"):
-        raise ValueError(
-            f"unknown task {task!r}; expected 'sequence_classification' or 'token_classification'"
-        )
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ValueError(
             f"max_seq_length must be an integer >= 2 (room for the special tokens), got {max_seq_length!r}"
@@ -121,6 +121,26 @@ def _tokenize_token_classification(examples, tokenizer, max_seq_length, label_al
     return items
 
 
+def _tokenize_causal_lm(examples, tokenizer, max_seq_length) -> list[dict]:
+    """prompt + response + eos, truncated to ``max_seq_length``; ``labels[t]`` is the token position
+    t predicts (``input_ids[t + 1]``) on response positions and IGNORE_INDEX elsewhere, so the
+    logits [B, L, V] and labels [B, L] line up without a shift."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither an eos nor a sep token to end the responses")
+    prompts = tokenizer([ex["prompt"] for ex in examples], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([ex["response"] for ex in examples], add_special_tokens=False)["input_ids"]
+    items = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        if not prompt or len(prompt) >= max_seq_length:
+            raise ValueError(f"example {i}: the prompt has {len(prompt)} tokens; causal_lm needs 1 to "
+                             f"max_seq_length - 1 = {max_seq_length - 1} prompt tokens (raise max_seq_length)")
+        ids = (prompt + response + [eos])[:max_seq_length]
+        labels = [IGNORE_INDEX] * (len(prompt) - 1) + ids[len(prompt):] + [IGNORE_INDEX]
+        items.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "example_id": i})
+    return items
+
+
 def tokenize_split(
     examples: list[dict],
     tokenizer,
@@ -146,6 +166,8 @@ def tokenize_split(
         raise ValueError("tokenize_split got an empty split")
     if task == "sequence_classification":
         items = _tokenize_sequence_classification(examples, tokenizer, max_seq_length, domain_names)
+    elif task == "causal_lm":
+        items = _tokenize_causal_lm(examples, tokenizer, max_seq_length)
     else:
         items = _tokenize_token_classification(
             examples, tokenizer, max_seq_length, label_all_tokens, label_names
@@ -159,7 +181,8 @@ def make_collate_fn(tokenizer, task: str):
     Right padding with the tokenizer's pad token (``attention_mask`` 0 and, for token
     classification, ``labels`` -100 on padding). Built on transformers' ``DataCollatorWithPadding``
     / ``DataCollatorForTokenClassification``. Shapes: ``input_ids``, ``attention_mask``
-    (``token_type_ids``) [B, L]; ``labels`` [B] or [B, L]; ``example_id`` and ``domain`` [B].
+    (``token_type_ids``) [B, L]; ``labels`` [B] or [B, L] (token classification, causal LM);
+    ``example_id`` and ``domain`` [B].
     """
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
@@ -174,7 +197,7 @@ def make_collate_fn(tokenizer, task: str):
             f"the collate function pads on the right; tokenizer.padding_side is "
             f"{tokenizer.padding_side!r} (set it to 'right')"
         )
-    if task == "token_classification":
+    if task in ("token_classification", "causal_lm"):
         collator = DataCollatorForTokenClassification(
             tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
         )

@@ -29,6 +29,7 @@ import torch
 
 from kdengine import models
 from kdengine.models import model_inputs
+from kdengine.constants import TASKS
 from kdengine.options import MethodOptions, TrainConfig
 
 STUDENT = "student"
@@ -145,6 +146,7 @@ class Method:
     # method builds its own from ctx.teacher_sources in its stages.
     uses_teacher = True
     stages: tuple[str, ...] = (STUDENT,)
+    tasks: tuple[str, ...] = TASKS      # the task types the method supports (checked before any work)
     # Extra keyword arguments of the student forward in the default step, e.g.
     # {"output_hidden_states": True, "output_attentions": True}.
     student_forward_kwargs: dict = {}
@@ -211,6 +213,13 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} implements neither student_loss nor training_step")
 
     # ---- reporting ----
+    def extra_metrics(self, model: torch.nn.Module, dataset) -> dict:
+        """Further validation metrics of the student ({name: float}, stored as ``eval_<name>``), e.g.
+        generation-based ones for causal_lm: sample responses with ``model`` (DDP-wrapped: unwrap
+        it with ``self.ctx.accelerator.unwrap_model``) and score them. Called by every evaluation
+        of the student stage, under ``torch.no_grad``. Default: none."""
+        return {}
+
     def teacher_report(self) -> dict:
         """Rows for teacher_results.json / the printed table: {row_name: {metric: value}}."""
         return {}

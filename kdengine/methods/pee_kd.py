@@ -93,6 +93,7 @@ def _flatten_rows(logits: torch.Tensor, labels: torch.Tensor):
 class PEEKD(Method):
     name = "pee_kd"
     options_class = PEEKDOptions
+    tasks = ("sequence_classification", "token_classification")
 
     @classmethod
     def stage_names(cls, options: PEEKDOptions) -> tuple[str, ...]:

@@ -5,12 +5,15 @@ no_kd and vanilla_kd baselines, a few minutes on 2 cores)::
 
     python -m kdengine.train
     python -m kdengine.train --config configs/sst2.yaml --num_train_epochs 1
+    python -m kdengine.train --method examples.custom_method:HiddenStateKD --hidden_weight 0.5
     torchrun --nproc_per_node 2 -m kdengine.train --config run.yaml      # DDP (or accelerate launch -m)
 
-Stages (``--stages``): ``teacher`` (task-trained teacher in output_dir/teacher), ``method``
-(``method.prepare()``: e.g. PEE-KD's experts and selector), ``student`` (the training loop,
-resumable), ``evaluate`` (validation metrics, result JSONs, plots, the comparison table). A stage
-whose output exists is skipped.
+Stages (``--stages``): ``teacher`` (each task-trained teacher in output_dir/teacher, teacher_1,
+...), ``method`` (the method's own stages before its student, e.g. PEE-KD's experts and
+selector), ``student`` (the student stage), ``evaluate`` (validation metrics, result JSONs, plots,
+the comparison table). Every stage runs on the one training loop (:mod:`kdengine.train.trainer`)
+and checkpoints; a stage whose output exists is skipped, and ``--resume_from_checkpoint last``
+continues the stage a killed run was in.
 """
 
 from __future__ import annotations
@@ -147,6 +150,9 @@ def run(cfg: TrainConfig) -> dict:
     resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     method_cls = resolve_method(cfg.method)
     check_stage_names(method_cls.stage_names(cfg.options), cfg.method)
+    if cfg.task not in method_cls.tasks:
+        raise ValueError(f"method {cfg.method} does not support task {cfg.task} (it supports "
+                         f"{', '.join(method_cls.tasks)})")
     set_seed(cfg.seed)
     fresh_output_dir = not os.path.isdir(cfg.output_dir) or not os.listdir(cfg.output_dir)
     if state.is_main_process:
@@ -263,7 +269,8 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
                                  "run with --stages student (or all) first")
             trainer = Trainer(cfg, accelerator, method, method.build_stage(STUDENT, student), run_dir,
                               save_checkpoints=False, desc=cfg.method)
-        eval_results = trainer.evaluate(plot_teacher=teacher)
+        # The logit plot shows classes; a causal LM's vocabulary is no scatter plot.
+        eval_results = trainer.evaluate(plot_teacher=teacher if cfg.task != "causal_lm" else None)
         logits = eval_results.pop("_logits", None)
         if accelerator.is_main_process:
             eval_results["epoch"] = (train_results or {}).get("epoch")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from kdengine.constants import IGNORE_INDEX
-from kdengine.methods.base import Stage, StepContext
+from kdengine.methods.base import STUDENT, Stage, StepContext
 from kdengine.metrics import compute_metrics
 from kdengine.models import model_inputs
 from kdengine.train import checkpoint
@@ -359,7 +359,7 @@ class Trainer:
                                  reduction="none").reshape(labels.shape)
             valid = labels != IGNORE_INDEX
             prediction = logits.argmax(-1)
-            if task == "token_classification":
+            if labels.dim() == 2:                       # token classification, causal LM
                 ce_sum, count = ce.sum(-1), valid.sum(-1)
                 prediction = acc.pad_across_processes(prediction, dim=1, pad_index=IGNORE_INDEX)
                 labels = acc.pad_across_processes(labels, dim=1, pad_index=IGNORE_INDEX)
@@ -375,6 +375,8 @@ class Trainer:
         scored = compute_metrics(task, _stack(preds).numpy(), references.numpy(), self.ctx.label_names)
         results.update({f"eval_{k}": v for k, v in scored.items()})
         results["eval_samples"] = len(references)
+        if self.stage.name == STUDENT:
+            results.update({f"eval_{k}": v for k, v in self.method.extra_metrics(self.model, dataset).items()})
         if pairs:
             import numpy as np  # noqa: PLC0415
 
