@@ -88,13 +88,6 @@ void check_row_inputs(const Tensor& ref, int64_t n_rows, const optional<Tensor>&
   }
 }
 
-// grad_scale 0-d fp32 on ref's device.
-void check_grad_scale(const Tensor& ref, const Tensor& grad_scale) {
-  CHECK_SAME_DEVICE(grad_scale, ref);
-  CHECK_DTYPE(grad_scale, at::kFloat);
-  TORCH_CHECK_VALUE(grad_scale.numel() == 1, "grad_scale must be a 0-d tensor, got shape ", grad_scale.sizes());
-}
-
 // experts [K, N, V] (K <= 16) and the fusion options; fills everything but the outputs.
 kdengine::FusionArgs fusion_args(const Tensor& experts, int64_t weighting, int64_t space, double sharpness,
                                  const optional<Tensor>& weights) {
@@ -131,6 +124,22 @@ kdengine::FusionArgs fusion_args(const Tensor& experts, int64_t weighting, int64
   return f;
 }
 
+// The student-side launcher arguments of both losses (KDLossRowsArgs, FusedExpertsKDArgs), checked.
+template <typename Args>
+void fill_student_rows(Args& a, const Tensor& student, const optional<Tensor>& labels,
+                       const optional<Tensor>& row_weights, int64_t N, int64_t V, kdengine::KDLossOptions options) {
+  check_rows(N);
+  TORCH_CHECK_VALUE(V >= 1 || N == 0, "the vocabulary must not be empty");
+  check_row_inputs(student, N, labels, row_weights);
+  a.student = student.data_ptr();
+  a.student_row_stride = student.stride(0);
+  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.row_weights = row_weights ? row_weights->data_ptr<float>() : nullptr;
+  a.n_rows = N;
+  a.vocab = V;
+  a.options = options;
+}
+
 // student / teacher [N, V] CUDA logits of one dtype, unit column stride; the kd_loss launcher
 // arguments every mode shares.
 kdengine::KDLossRowsArgs kd_loss_args(const Tensor& student, const Tensor& teacher, const optional<Tensor>& labels,
@@ -148,19 +157,11 @@ kdengine::KDLossRowsArgs kd_loss_args(const Tensor& student, const Tensor& teach
   CHECK_COLUMNS(teacher);
   *dtype = dtype_code(student, "student");
   const int64_t N = student.size(0), V = student.size(1);
-  check_rows(N);
-  TORCH_CHECK_VALUE(V >= 1 || N == 0, "the vocabulary must not be empty");
-  check_row_inputs(student, N, labels, row_weights);
   kdengine::KDLossRowsArgs a{};
-  a.student = student.data_ptr();
-  a.student_row_stride = student.stride(0);
+  fill_student_rows(a, student, labels, row_weights, N, V,
+                    loss_options(divergence, temperature, jsd_beta, kd_scale, hard_weight, ignore_index));
   a.teacher = teacher.data_ptr();
   a.teacher_row_stride = teacher.stride(0);
-  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
-  a.row_weights = row_weights ? row_weights->data_ptr<float>() : nullptr;
-  a.n_rows = N;
-  a.vocab = V;
-  a.options = loss_options(divergence, temperature, jsd_beta, kd_scale, hard_weight, ignore_index);
   return a;
 }
 
@@ -235,48 +236,84 @@ std::tuple<Tensor, Tensor, Tensor> fuse_experts_forward(const Tensor& experts, d
   return {log_probs, alpha, entropy};
 }
 
-std::tuple<Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>> fused_experts_kd_forward(
-    const Tensor& student, const Tensor& experts, const optional<Tensor>& labels,
-    const optional<Tensor>& row_weights, const Tensor& grad_scale, int64_t divergence, double temperature,
-    double jsd_beta, double kd_scale, double hard_weight, int64_t ignore_index, int64_t weighting, int64_t space,
-    double sharpness, const optional<Tensor>& weights, bool need_grad_student, bool need_grad_experts,
-    int64_t stream) {
+// student [N, V] and experts [K, N, V] of one dtype; the fused-loss launcher arguments both modes share.
+kdengine::FusedExpertsKDArgs fused_kd_args(const Tensor& student, const Tensor& experts,
+                                           const optional<Tensor>& labels, const optional<Tensor>& row_weights,
+                                           int64_t divergence, double temperature, double jsd_beta, double kd_scale,
+                                           double hard_weight, int64_t ignore_index, int64_t weighting, int64_t space,
+                                           double sharpness, const optional<Tensor>& weights, int* dtype) {
   kdengine::FusedExpertsKDArgs a{};
   a.fusion = fusion_args(experts, weighting, space, sharpness, weights);
   CHECK_SAME_DEVICE(student, experts);
   CHECK_DIM(student, 2);
-  const int64_t K = experts.size(0), N = experts.size(1), V = experts.size(2);
+  const int64_t N = experts.size(1), V = experts.size(2);
   TORCH_CHECK_VALUE(student.size(0) == N && student.size(1) == V, "student must have shape [", N, ", ", V,
                     "] to match experts ", experts.sizes(), ", got ", student.sizes());
   TORCH_CHECK_VALUE(student.scalar_type() == experts.scalar_type(), "student and experts must share a dtype, got ",
                     student.scalar_type(), " and ", experts.scalar_type());
   CHECK_COLUMNS(student);
-  const int dtype = dtype_code(student, "student");
-  check_rows(N);
-  TORCH_CHECK_VALUE(V >= 1 || N == 0, "the vocabulary must not be empty");
-  check_row_inputs(student, N, labels, row_weights);
-  check_grad_scale(student, grad_scale);
+  *dtype = dtype_code(student, "student");
+  fill_student_rows(a, student, labels, row_weights, N, V,
+                    loss_options(divergence, temperature, jsd_beta, kd_scale, hard_weight, ignore_index));
+  return a;
+}
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_experts_kd_forward(
+    const Tensor& student, const Tensor& experts, const optional<Tensor>& labels,
+    const optional<Tensor>& row_weights, int64_t divergence, double temperature, double jsd_beta, double kd_scale,
+    double hard_weight, int64_t ignore_index, int64_t weighting, int64_t space, double sharpness,
+    const optional<Tensor>& weights, int64_t stream) {
+  int dtype = 0;
+  kdengine::FusedExpertsKDArgs a = fused_kd_args(student, experts, labels, row_weights, divergence, temperature,
+                                                 jsd_beta, kd_scale, hard_weight, ignore_index, weighting, space,
+                                                 sharpness, weights, &dtype);
+  const int64_t K = experts.size(0), N = a.n_rows;
   const auto f32 = student.options().dtype(at::kFloat);
   Tensor row_loss = at::empty({N}, f32), alpha = at::empty({N, K}, f32), entropy = at::empty({N, K}, f32);
+  Tensor stats = at::zeros({N, kdengine::kFusedRowStats}, f32);
+  a.fusion.alpha = alpha.data_ptr<float>();
+  a.fusion.entropy = entropy.data_ptr<float>();
+  a.mode = kdengine::kForwardStats;
+  a.stats = stats.data_ptr<float>();
+  a.row_loss = row_loss.data_ptr<float>();
+  CHECK_LAUNCH(kdengine_fused_experts_kd_rows(&a, dtype, as_stream(stream)), "fused_experts_kd_loss forward");
+  return {row_loss, alpha, entropy, stats};
+}
+
+std::tuple<optional<Tensor>, optional<Tensor>> fused_experts_kd_backward(
+    const Tensor& student, const Tensor& experts, const optional<Tensor>& labels,
+    const optional<Tensor>& row_weights, const Tensor& alpha, const Tensor& stats, const Tensor& scale,
+    int64_t divergence, double temperature, double jsd_beta, double kd_scale, double hard_weight,
+    int64_t ignore_index, int64_t space, bool need_grad_student, bool need_grad_experts, int64_t stream) {
+  int dtype = 0;
+  kdengine::FusedExpertsKDArgs a = fused_kd_args(student, experts, labels, row_weights, divergence, temperature,
+                                                 jsd_beta, kd_scale, hard_weight, ignore_index, kdengine::kUniform,
+                                                 space, 1.0, std::nullopt, &dtype);
+  const int64_t K = experts.size(0), N = a.n_rows, V = a.vocab;
+  for (const Tensor* t : {&alpha, &stats, &scale}) {
+    CHECK_SAME_DEVICE(*t, student);
+    CHECK_DTYPE(*t, at::kFloat);
+    CHECK_CONTIGUOUS(*t);
+  }
+  TORCH_CHECK_VALUE(alpha.dim() == 2 && alpha.size(0) == N && alpha.size(1) == K, "alpha must have shape [", N,
+                    ", ", K, "], got ", alpha.sizes());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == kdengine::kFusedRowStats,
+                    "stats must have shape [", N, ", ", kdengine::kFusedRowStats, "], got ", stats.sizes());
+  TORCH_CHECK_VALUE(scale.numel() == 1 || (scale.dim() == 1 && scale.size(0) == N),
+                    "scale must be 0-d or have shape [", N, "], got ", scale.sizes());
   optional<Tensor> grad_s, grad_e;
   if (need_grad_student) grad_s = at::empty({N, V}, student.options());
   if (need_grad_experts) grad_e = at::empty({K, N, V}, experts.options());
-  a.fusion.alpha = alpha.data_ptr<float>();
-  a.fusion.entropy = entropy.data_ptr<float>();
-  a.student = student.data_ptr();
-  a.student_row_stride = student.stride(0);
-  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
-  a.row_weights = row_weights ? row_weights->data_ptr<float>() : nullptr;
-  a.grad_scale = grad_scale.data_ptr<float>();
-  a.row_loss = row_loss.data_ptr<float>();
+  if (!need_grad_student && !need_grad_experts) return {grad_s, grad_e};
+  a.fusion.alpha = const_cast<float*>(alpha.data_ptr<float>());  // read-only in this mode
+  a.mode = kdengine::kBackwardFromStats;
+  a.stats = const_cast<float*>(stats.data_ptr<float>());
+  a.grad_scale = scale.data_ptr<float>();
+  a.grad_scale_stride = scale.dim() == 1 ? 1 : 0;
   a.grad_student = grad_s ? grad_s->data_ptr() : nullptr;
   a.grad_experts = grad_e ? grad_e->data_ptr() : nullptr;
-  a.n_rows = N;
-  a.vocab = V;
-  a.options = loss_options(divergence, temperature, jsd_beta, kd_scale, hard_weight, ignore_index);
-  CHECK_LAUNCH(kdengine_fused_experts_kd_rows(&a, dtype, as_stream(stream)), "fused_experts_kd_loss");
-  return {row_loss, alpha, entropy, grad_s, grad_e};
+  CHECK_LAUNCH(kdengine_fused_experts_kd_rows(&a, dtype, as_stream(stream)), "fused_experts_kd_loss backward");
+  return {grad_s, grad_e};
 }
 
 // Rows per example: K (experts None), 1 (experts [B]) or k (experts [B, k]).
@@ -426,12 +463,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("experts"), py::arg("temperature"), py::arg("weighting"), py::arg("space"), py::arg("sharpness"),
         py::arg("weights"), py::arg("stream"));
   m.def("fused_experts_kd_forward", &fused_experts_kd_forward,
-        "kd_loss rows against the fused experts: (row_loss, alpha, entropy, grad_student, grad_experts)",
-        py::arg("student"), py::arg("experts"), py::arg("labels"), py::arg("row_weights"), py::arg("grad_scale"),
+        "fused_experts_kd_loss forward: (row_loss, alpha, entropy, stats)", py::arg("student"), py::arg("experts"),
+        py::arg("labels"), py::arg("row_weights"), py::arg("divergence"), py::arg("temperature"), py::arg("jsd_beta"),
+        py::arg("kd_scale"), py::arg("hard_weight"), py::arg("ignore_index"), py::arg("weighting"), py::arg("space"),
+        py::arg("sharpness"), py::arg("weights"), py::arg("stream"));
+  m.def("fused_experts_kd_backward", &fused_experts_kd_backward,
+        "fused_experts_kd_loss backward: (grad_student, grad_experts)", py::arg("student"), py::arg("experts"),
+        py::arg("labels"), py::arg("row_weights"), py::arg("alpha"), py::arg("stats"), py::arg("scale"),
         py::arg("divergence"), py::arg("temperature"), py::arg("jsd_beta"), py::arg("kd_scale"),
-        py::arg("hard_weight"), py::arg("ignore_index"), py::arg("weighting"), py::arg("space"),
-        py::arg("sharpness"), py::arg("weights"), py::arg("need_grad_student"), py::arg("need_grad_experts"),
-        py::arg("stream"));
+        py::arg("hard_weight"), py::arg("ignore_index"), py::arg("space"), py::arg("need_grad_student"),
+        py::arg("need_grad_experts"), py::arg("stream"));
   m.def("expert_batch_embed_forward", &expert_batch_embed_forward, "batched prompt input: (embeds, mask)",
         py::arg("input_ids"), py::arg("weight"), py::arg("prompts"), py::arg("attention_mask"), py::arg("experts"),
         py::arg("placement"), py::arg("stream"));

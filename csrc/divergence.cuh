@@ -81,12 +81,6 @@ __device__ __forceinline__ float tvd_centered(float g, float w_plus, float w_min
   return g > 0.f ? w_minus + 0.5f * w_zero : (g < 0.f ? -(w_plus + 0.5f * w_zero) : 0.5f * (w_minus - w_plus));
 }
 
-// Whether the gradients asked for need the row sums of pass 2 (else they are written in pass 2).
-__host__ __device__ constexpr bool grads_need_sums(int kind, bool grad_student, bool grad_teacher) {
-  return (grad_student && (kind == kReverseKL || kind == kJSD || kind == kTVD)) ||
-         (grad_teacher && (kind == kForwardKL || kind == kSoftCE || kind == kJSD || kind == kTVD));
-}
-
 // dD/du_s (u = student / T), or dD/ds for mse.
 template <int KIND>
 __device__ __forceinline__ float divergence_grad_student(const Column& c, const DivergenceConsts& k,

@@ -97,7 +97,6 @@ struct FusedTeacher {
   T* grad0;                      // grad_experts[0, n, :] or nullptr; expert e at + e · grad_expert_stride
   int64_t grad_expert_stride;
   bool wants_grad;
-  bool grad_needs_sums;          // logit-space mse: Σ g over the row
   float mse_coef;                // grad_scale · row_weight · kd_scale (mse's Σ g)
   float inv_vocab;
   LogSumExp fused_lse;           // logit space: of z̄ / T
@@ -125,9 +124,27 @@ struct FusedTeacher {
     for (int e = 0; e < num_experts; ++e) zero_row(grad0 + e * grad_expert_stride, vocab);
   }
 
-  __device__ void prepare() {
+  // Statistics kept between the launches: the fused log-sum-exp, then every expert's (m, log d).
+  __device__ void save(float* out) const {
+    out[0] = fused_lse.m;
+    out[1] = fused_lse.log_d;
+    for (int e = 0; e < num_experts; ++e) {
+      out[2 + 2 * e] = stats->lse[e].m;
+      out[3 + 2 * e] = stats->lse[e].log_d;
+    }
+  }
+  // The experts' part is restored into the shared ExpertStats by restore_expert_statistics.
+  __device__ void restore(const float* saved) { fused_lse = LogSumExp{saved[0], saved[1]}; }
+  __device__ void set_lse(LogSumExp l) { fused_lse = l; }
+
+  // u = z̄ / T of a chunk (kl_forward_row, logit space).
+  __device__ void scaled_logits(int64_t start, float (&u)[N]) const {
+    mix_logits(start, u);
 #pragma unroll
-    for (int e = 0; e < (KIND == kTVD ? 3 : 1) * kMaxExperts; ++e) s_acc[e] = 0.f;
+    for (int k = 0; k < N; ++k) u[k] *= inv_t;
+  }
+
+  __device__ void prepare() {
     if constexpr (SPACE == kLogitSpace) {
       float st[2] = {kNegInf, 0.f};
       for (int64_t c = threadIdx.x; c * N < vocab; c += blockDim.x) {
@@ -261,10 +278,26 @@ __device__ void init_teacher(FusedTeacher<T, KIND, SPACE>& t, const FusionArgs& 
   t.grad0 = nullptr;
   t.grad_expert_stride = N_rows * V;
   t.wants_grad = false;
-  t.grad_needs_sums = false;
   t.mse_coef = 0.f;
   t.inv_vocab = 1.f / static_cast<float>(V);
+  t.fused_lse = LogSumExp{0.f, 0.f};
   t.partial_s = nullptr;
+#pragma unroll
+  for (int e = 0; e < (KIND == kTVD ? 3 : 1) * kMaxExperts; ++e) t.s_acc[e] = 0.f;
+}
+
+// Backward: α from the forward's output and the experts' log-sum-exps from the row statistics
+// (what expert_statistics computed in the forward). Block-wide.
+__device__ void restore_expert_statistics(const FusionArgs& f, const float* saved, int64_t n, ExpertStats& stats) {
+  if (threadIdx.x == 0) {
+    for (int e = 0; e < f.num_experts; ++e) {
+      const float a = f.alpha[n * f.num_experts + e];
+      stats.alpha[e] = a;
+      stats.log_alpha[e] = a > 0.f ? logf(a) : kNegInf;
+      stats.lse[e] = LogSumExp{saved[2 * e], saved[2 * e + 1]};
+    }
+  }
+  __syncthreads();
 }
 
 template <typename T, int SPACE>
@@ -296,7 +329,7 @@ __global__ void __launch_bounds__(kMaxThreads) fuse_experts_kernel(const FuseExp
   }
 }
 
-template <typename T, int KIND, int SPACE>
+template <typename T, int KIND, int SPACE, int MODE>
 __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const FusedExpertsKDArgs a,
                                                                          const DivergenceConsts consts) {
   __shared__ ExpertStats stats;
@@ -304,7 +337,12 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
   const int64_t n = blockIdx.x, V = a.vocab;
   const float temperature = a.options.temperature;
   const T* row0 = static_cast<const T*>(a.fusion.experts) + n * a.fusion.row_stride;
-  expert_statistics<T>(a.fusion, row0, V, 1.f / temperature, n, stats);
+  float* row_stats = a.stats + n * kFusedRowStats;
+  if constexpr (MODE == kForwardStats) {
+    expert_statistics<T>(a.fusion, row0, V, 1.f / temperature, n, stats);
+  } else {
+    restore_expert_statistics(a.fusion, row_stats + kTeacherStats + 2, n, stats);
+  }
 
   KDRow<T> r;
   r.student = static_cast<const T*>(a.student) + n * a.student_row_stride;
@@ -315,20 +353,25 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
   r.has_label = a.labels != nullptr;
   r.label = r.has_label ? a.labels[n] : 0;
   r.row_weight = a.row_weights != nullptr ? a.row_weights[n] : 1.f;
-  r.grad_scale = *a.grad_scale;
+  r.grad_scale = MODE == kBackwardFromStats ? a.grad_scale[n * a.grad_scale_stride] : 0.f;
   r.row_loss = a.row_loss + n;
-  r.stats = nullptr;
+  r.stats = row_stats;
 
   FusedTeacher<T, KIND, SPACE> teacher;
   init_teacher(teacher, a.fusion, n, a.n_rows, V, temperature, stats);
-  if (a.grad_experts != nullptr) {
+  if (MODE == kBackwardFromStats && a.grad_experts != nullptr) {
     teacher.grad0 = static_cast<T*>(a.grad_experts) + n * V;
     teacher.wants_grad = true;
-    teacher.grad_needs_sums = SPACE == kLogitSpace && KIND == kMSE;
     teacher.mse_coef = r.grad_scale * r.row_weight * a.options.kd_scale;
     teacher.partial_s = partial_s;
   }
-  kd_loss_row<T, KIND, kGradInForward>(r, teacher);
+  // Logit space, forward/reverse KL and soft CE: log-sum-exps and D in one read of the row.
+  if constexpr (MODE == kForwardStats && SPACE == kLogitSpace &&
+                (KIND == kForwardKL || KIND == kSoftCE || KIND == kReverseKL)) {
+    kl_forward_row<T, KIND>(r, teacher);
+  } else {
+    kd_loss_row<T, KIND, MODE>(r, teacher);
+  }
 }
 
 // Threads per row: the K-expert passes do K loads per chunk, so use the row width.
@@ -370,10 +413,15 @@ extern "C" const char* kdengine_fused_experts_kd_rows(const kdengine::FusedExper
     const int threads = fusion_threads(a.vocab, Vec<scalar_t>::n);
     const unsigned grid = static_cast<unsigned>(a.n_rows);
     return KDENGINE_DISPATCH_DIVERGENCE(a.options.divergence, [&] {
-      if (a.fusion.space == kLogitSpace) {
-        fused_experts_kd_kernel<scalar_t, KIND, kLogitSpace><<<grid, threads, 0, s>>>(a, consts);
+      const bool logit = a.fusion.space == kLogitSpace;
+      if (a.mode == kForwardStats && logit) {
+        fused_experts_kd_kernel<scalar_t, KIND, kLogitSpace, kForwardStats><<<grid, threads, 0, s>>>(a, consts);
+      } else if (a.mode == kForwardStats) {
+        fused_experts_kd_kernel<scalar_t, KIND, kProbSpace, kForwardStats><<<grid, threads, 0, s>>>(a, consts);
+      } else if (logit) {
+        fused_experts_kd_kernel<scalar_t, KIND, kLogitSpace, kBackwardFromStats><<<grid, threads, 0, s>>>(a, consts);
       } else {
-        fused_experts_kd_kernel<scalar_t, KIND, kProbSpace><<<grid, threads, 0, s>>>(a, consts);
+        fused_experts_kd_kernel<scalar_t, KIND, kProbSpace, kBackwardFromStats><<<grid, threads, 0, s>>>(a, consts);
       }
       return cudaGetLastError();
     });

@@ -43,18 +43,20 @@ struct KDLossOptions {
   int64_t ignore_index;   // rows whose label equals it contribute 0
 };
 
-// How the row driver kd_loss_row runs (one launch each).
+// The two launches of a loss (recompute-in-backward), run by the row driver kd_loss_row.
 enum RowMode : int {
-  kGradInForward = 0,      // fused experts: row loss and the gradients of Σ row_loss · grad_scale
-  kForwardStats = 1,       // kd_loss forward: row loss and the row statistics, no gradient
-  kBackwardFromStats = 2,  // kd_loss backward: one pass writing the gradients from the statistics
+  kForwardStats = 1,       // row loss and the row statistics, no gradient
+  kBackwardFromStats = 2,  // the gradients, re-reading the logits, from the statistics
 };
 
-// Divergence row sums (see divergence_terms) and the per-row statistics of kd_loss: the student's
-// log-sum-exp at T (m, log d), its log-sum-exp at T = 1 (hard label), the teacher's (m, log d),
-// then the sums.
+// Per-row statistics written by the forward and read by the backward (fp32): the student's
+// log-sum-exp at T (m, log d) and at T = 1 (hard label), the divergence row sums (see
+// divergence_terms), then the teacher's own from kTeacherStats on: kd_loss's teacher log-sum-exp
+// (m, log d); fused experts' fused log-sum-exp (logit space) and every expert's.
 constexpr int kSums = 8;
-constexpr int kRowStats = 5 + kSums;
+constexpr int kTeacherStats = 3 + kSums;
+constexpr int kRowStats = kTeacherStats + 2;
+constexpr int kFusedRowStats = kTeacherStats + 2 + 2 * kMaxExperts;
 
 // kd_loss, recompute-in-backward. Inputs [N, V] with unit column stride. The forward
 // (mode kForwardStats) writes row_loss and stats; the backward (kBackwardFromStats) reads the
@@ -103,18 +105,24 @@ struct FuseExpertsArgs {
   int64_t vocab;
 };
 
-// fused_experts_kd_loss rows: kd_loss against the fused teacher, with gradients to the student
-// (contiguous [N, V]) and to every expert (contiguous [K, N, V]).
+// fused_experts_kd_loss, recompute-in-backward: kd_loss against the fused teacher. The forward
+// (kForwardStats) writes row_loss, fusion.alpha / fusion.entropy and stats; the backward
+// (kBackwardFromStats) reads α (fusion.alpha) and stats and writes the gradients of
+// Σ_n grad_scale[n · grad_scale_stride] · row_loss[n] to the student (contiguous [N, V]) and to
+// every expert (contiguous [K, N, V]), α constant.
 struct FusedExpertsKDArgs {
   FusionArgs fusion;
   const void* student;        // [N, V] logits, same dtype as the experts
   int64_t student_row_stride;
   const int64_t* labels;
   const float* row_weights;
-  const float* grad_scale;
-  float* row_loss;
-  void* grad_student;
-  void* grad_experts;
+  int mode;                   // RowMode
+  float* stats;               // [N, kFusedRowStats] fp32
+  const float* grad_scale;    // backward: dL/d(row_loss)
+  int64_t grad_scale_stride;  // 0 or 1
+  float* row_loss;            // [N] out (forward)
+  void* grad_student;         // out or nullptr (backward)
+  void* grad_experts;         // out or nullptr (backward)
   int64_t n_rows;
   int64_t vocab;
   KDLossOptions options;

@@ -146,4 +146,40 @@ __device__ __forceinline__ float logaddexp(float a, float b) {
   return m + log1pf(__expf(-fabsf(a - b)));
 }
 
+// acc ← acc + w·value over an online softmax (m, d) of the weights' logits x: when x raises the
+// running max, everything accumulated so far is rescaled by exp(m − x) (the same rescaling as d).
+// A −inf weight logit (masked column) contributes nothing.
+__device__ __forceinline__ void weighted_push(float& m, float& d, float& acc, float x, float value) {
+  if (x == kNegInf) return;
+  if (x > m) {
+    const float f = m == kNegInf ? 0.f : __expf(m - x);
+    d = d * f + 1.f;
+    acc = acc * f + value;
+    m = x;
+  } else {
+    const float e = __expf(x - m);
+    d += e;
+    acc += e * value;
+  }
+}
+
+// Merges states [m_s, d_s, m_t, d_t, m_1, d_1, acc] whose acc is weighted by the pair at W (0: the
+// student, reverse_kl; 2: the teacher, forward_kl / soft_ce).
+template <int W>
+struct KLMergeOp {
+  template <int NV>
+  __device__ __forceinline__ void operator()(float (&a)[NV], const float (&b)[NV]) const {
+    const float m = fmaxf(a[W], b[W]);
+    if (m != kNegInf) {
+      const float fa = a[W] == kNegInf ? 0.f : __expf(a[W] - m), fb = b[W] == kNegInf ? 0.f : __expf(b[W] - m);
+      a[6] = a[6] * fa + b[6] * fb;
+    }
+    float pairs[6] = {a[0], a[1], a[2], a[3], a[4], a[5]};
+    const float other[6] = {b[0], b[1], b[2], b[3], b[4], b[5]};
+    SoftmaxMergeOp()(pairs, other);
+#pragma unroll
+    for (int i = 0; i < 6; ++i) a[i] = pairs[i];
+  }
+};
+
 }  // namespace kdengine

@@ -312,6 +312,16 @@ def test_fuse_experts_weights(space, kind, dtype):
     check_fuse(experts, "entropy", space, _weights(kind, k, n))
 
 
+def _fused_kd_rows(student, experts, labels, row_weights, spec, weighting, space, sharpness, weights, need,
+                   scale=GRAD_SCALE):
+    """The emulated fused forward launch, then the backward launch with dL/d(row_loss) = scale."""
+    row_loss, alpha, entropy, stats = _cuda.fused_experts_kd_forward_cuda(student, experts, labels, row_weights, spec,
+                                                                          weighting, space, sharpness, weights)
+    grads = _cuda.fused_experts_kd_backward_cuda(student, experts, labels, row_weights, alpha, stats,
+                                                 torch.as_tensor(scale), spec, space, *need)
+    return (row_loss, alpha, entropy, *grads)
+
+
 def check_fused_kd_rows(student, experts, *, divergence, weighting, space, weights=None, hard_weight=0.3,
                         need=(True, True)):
     """Emulated fused-experts kd rows vs fused_experts_kd_loss_reference in float64 (α constant)."""
@@ -319,9 +329,8 @@ def check_fused_kd_rows(student, experts, *, divergence, weighting, space, weigh
     labels, row_weights = _labels(n, v), _row_weights(n)
     temperature, sharpness = FUSION["temperature"], FUSION["sharpness"]
     spec = make_spec(divergence=divergence, temperature=temperature, hard_weight=hard_weight, **LOSS)
-    row_loss, alpha, entropy, grad_s, grad_e = _cuda.fused_experts_kd_rows_cuda(
-        student, experts, labels, row_weights, torch.tensor(GRAD_SCALE), spec, weighting, space, sharpness,
-        weights, *need)
+    row_loss, alpha, entropy, grad_s, grad_e = _fused_kd_rows(student, experts, labels, row_weights, spec, weighting,
+                                                              space, sharpness, weights, need)
     s64, z64 = _as64(student, need[0]), _as64(experts, need[1])
     ref = fused_experts_kd_loss_reference(
         s64, z64, weighting=weighting, space=space, weights=_as64(weights), divergence=divergence,
@@ -383,8 +392,8 @@ def test_fused_experts_tvd_peaked_rows_exact(space):
     experts[1, torch.arange(n), cols] = 22.0
     experts[:, :, :200] += 0.3 * torch.randn(2, n, 200)
     spec = make_spec(divergence="tvd", temperature=1.0, hard_weight=0.0, **LOSS)
-    row_loss, _, _, grad_s, grad_e = _cuda.fused_experts_kd_rows_cuda(
-        student, experts, None, None, torch.tensor(1.0), spec, "uniform", space, 1.0, None, True, True)
+    row_loss, _, _, grad_s, grad_e = _fused_kd_rows(student, experts, None, None, spec, "uniform", space, 1.0, None,
+                                                    (True, True), scale=1.0)
     s64, z64 = _as64(student, True), _as64(experts, True)
     ref = fused_experts_kd_loss_reference(s64, z64, weighting="uniform", space=space, divergence="tvd",
                                           temperature=1.0, reduction="none", **LOSS)
@@ -397,7 +406,8 @@ def test_fused_experts_tvd_peaked_rows_exact(space):
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_fused_experts_kd_loss_function(reduction):
-    """FusedExpertsKDLossFunction on the emulated rows, with grad_output != 1."""
+    """FusedExpertsKDLossFunction on the emulated kernels, with grad_output != 1; the backward
+    recomputes, so a retained graph's second backward gives the same gradients."""
     k, n, v = 3, 4, 59
     student = _logits(n, v, dtype=torch.float32).requires_grad_()
     experts = _logits(k, n, v, dtype=torch.float32).requires_grad_()
@@ -405,10 +415,11 @@ def test_fused_experts_kd_loss_function(reduction):
     spec = make_spec(divergence="forward_kl", temperature=FUSION["temperature"], hard_weight=0.2, **LOSS)
     grad_scale = grad_scale_for(reduction, None, labels, spec, n, v, student.device)
     fusion = ("entropy", "prob", FUSION["sharpness"])
-    loss = FusedExpertsKDLossFunction.apply(student, experts, labels, row_weights, grad_scale, spec,
-                                            reduction, fusion, None, _cuda.fused_experts_kd_rows_cuda)
+    loss = FusedExpertsKDLossFunction.apply(student, experts, labels, row_weights, grad_scale, spec, reduction,
+                                            fusion, None,
+                                            (_cuda.fused_experts_kd_forward_cuda, _cuda.fused_experts_kd_backward_cuda))
     grad_output = torch.rand(loss.shape) + 0.5
-    loss.backward(grad_output)
+    loss.backward(grad_output, retain_graph=True)
     s64, z64 = _as64(student, True), _as64(experts, True)
     ref = fused_experts_kd_loss_reference(s64, z64, weighting="entropy", space="prob",
                                           divergence="forward_kl", hard_weight=0.2, labels=labels,
@@ -418,6 +429,28 @@ def test_fused_experts_kd_loss_function(reduction):
     assert_close(loss, ref, torch.float32, "loss")
     assert_close(student.grad, s64.grad, torch.float32, "student.grad")
     assert_close(experts.grad, z64.grad, torch.float32, "experts.grad")
+    first = (student.grad.clone(), experts.grad.clone())
+    student.grad = experts.grad = None
+    loss.backward(grad_output)
+    assert torch.equal(student.grad, first[0]) and torch.equal(experts.grad, first[1])
+
+
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fused_experts_fp16_grad_scaler_exact(space):
+    """fp16, batchmean over 16384 rows and a 65536 loss scale (dL/d(row_loss) = 4): student and expert
+    gradients match float64 to fp16 accuracy (scaled in fp32 before the one rounding)."""
+    k, n, v = 2, 3, 211
+    student, experts = _logits(n, v, dtype=torch.float16), _logits(k, n, v, dtype=torch.float16)
+    spec = make_spec(divergence="forward_kl", temperature=2.0, hard_weight=0.0, **LOSS)
+    _, _, _, grad_s, grad_e = _fused_kd_rows(student, experts, None, None, spec, "entropy", space, 1.0, None,
+                                             (True, True), scale=65536.0 / 16384)
+    s64, z64 = _as64(student, True), _as64(experts, True)
+    ref = fused_experts_kd_loss_reference(s64, z64, weighting="entropy", space=space, divergence="forward_kl",
+                                          temperature=2.0, reduction="none", sharpness=1.0,
+                                          **LOSS)
+    (ref.sum() * 65536.0 / 16384).backward()
+    assert_close(grad_s, s64.grad, torch.float16, "fp16 grad_student")
+    assert_close(grad_e, z64.grad, torch.float16, "fp16 grad_experts")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -111,26 +111,44 @@ def fuse_experts_cuda(experts, temperature, weighting, space, sharpness, weights
             float(sharpness), weights, _stream(experts.device))
 
 
-def fused_experts_kd_rows_cuda(student, experts, labels, row_weights, grad_scale, spec, weighting, space,
-                               sharpness, weights, need_grad_student, need_grad_experts):
-    """kd_loss rows against the fused teacher T · log p̄ (temperature = spec.temperature) on kdengine._C.
+def fused_experts_kd_forward_cuda(student, experts, labels, row_weights, spec, weighting, space, sharpness,
+                                  weights):
+    """fused_experts_kd_loss forward (teacher T · log p̄, temperature = spec.temperature) on kdengine._C.
 
     Args:
         student: [N, V] CUDA logits; experts: [K, N, V] (K <= 16), same dtype.
-        labels, row_weights, spec: as :func:`kd_loss_forward_cuda`; grad_scale: 0-d device tensor, the
-        factor from Σ row_loss to the reduced loss; the rest as :func:`fuse_experts_cuda`.
+        labels, row_weights, spec: as :func:`kd_loss_forward_cuda`; weighting, space, sharpness,
+            weights: as :func:`fuse_experts_cuda`.
 
     Returns:
-        (row_loss fp32 [N], alpha fp32 [N, K], entropy fp32 [N, K], grad_student [N, V] | None,
-        grad_experts [K, N, V] | None); gradients of Σ row_loss · grad_scale with α constant.
+        (row_loss fp32 [N], alpha fp32 [N, K], entropy fp32 [N, K], stats fp32 [N, kFusedRowStats]).
     """
     labels, row_weights = _row_inputs(labels, row_weights)
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     with torch.cuda.device(student.device):
         return _module().fused_experts_kd_forward(
-            _unit_columns(student), _unit_columns(experts), labels, row_weights, grad_scale.to(torch.float32),
-            *_loss_args(spec), WEIGHTING_CODES[weighting], SPACE_CODES[space], float(sharpness), weights,
-            bool(need_grad_student), bool(need_grad_experts), _stream(student.device))
+            _unit_columns(student), _unit_columns(experts), labels, row_weights, *_loss_args(spec),
+            WEIGHTING_CODES[weighting], SPACE_CODES[space], float(sharpness), weights, _stream(student.device))
+
+
+def fused_experts_kd_backward_cuda(student, experts, labels, row_weights, alpha, stats, scale, spec, space,
+                                   need_grad_student, need_grad_experts):
+    """fused_experts_kd_loss backward on kdengine._C: the gradients of Σ_rows scale · row_loss (α constant).
+
+    Args:
+        student, experts, labels, row_weights, spec, space: as given to the forward; alpha, stats: its
+            outputs. scale: fp32 device tensor, 0-d or [N], dL/d(row_loss).
+
+    Returns:
+        (grad_student [N, V] | None, grad_experts [K, N, V] | None) in the logits' dtype, computed in fp32
+        with ``scale`` in and rounded once.
+    """
+    labels, row_weights = _row_inputs(labels, row_weights)
+    with torch.cuda.device(student.device):
+        return _module().fused_experts_kd_backward(
+            _unit_columns(student), _unit_columns(experts), labels, row_weights, alpha.contiguous(), stats,
+            scale.to(torch.float32).contiguous(), *_loss_args(spec), SPACE_CODES[space], bool(need_grad_student),
+            bool(need_grad_experts), _stream(student.device))
 
 
 def _batch_indices(input_ids, attention_mask, experts):

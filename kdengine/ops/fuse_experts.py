@@ -8,13 +8,16 @@ Backends:
 * ``torch``  chunks of rows through the reference math: any device and float dtype (float64
   too). Peak extra memory ~ K × chunk × V (never K × N × V); the backward recomputes each chunk.
 
-The fused backends implement two primitives with identical signatures:
+The fused backends implement three kernels with identical signatures (recompute-in-backward):
 
-* ``fused_experts_kd_rows(student, experts, labels, row_weights, grad_scale, spec, weighting, space,
-  sharpness, weights, need_grad_student, need_grad_experts) -> (row_loss fp32 [N], alpha fp32 [N, K],
-  entropy fp32 [N, K], grad_student | None, grad_experts | None)``: row losses before reduction and
-  the gradients of Σ row_loss · grad_scale, written during the forward pass (one program per row,
-  online statistics over V; neither the fused distribution nor any [K, N, V] fp32 tensor exists).
+* ``fused_experts_kd_forward(student, experts, labels, row_weights, spec, weighting, space, sharpness,
+  weights) -> (row_loss fp32 [N], alpha fp32 [N, K], entropy fp32 [N, K], stats fp32 [N, S])``: row
+  losses before reduction and the per-row statistics only (one program per row, online statistics
+  over V; neither the fused distribution nor any [K, N, V] tensor exists).
+* ``fused_experts_kd_backward(student, experts, labels, row_weights, alpha, stats, scale, spec, space,
+  need_grad_student, need_grad_experts) -> (grad_student | None, grad_experts | None)``: the gradients
+  of Σ_rows scale · row_loss (``scale`` 0-d or [N] on the device, α constant), re-reading the logits,
+  written once in fp32-then-input-dtype.
 * ``fuse_experts(experts, temperature, weighting, space, sharpness, weights) -> (log_probs fp32 [N, V],
   alpha, entropy)``.
 
@@ -52,23 +55,6 @@ from kdengine.reference.kd_loss import kd_loss_rows
 
 # The fused kernels keep the K experts' statistics of a row on chip.
 MAX_KERNEL_EXPERTS = 16
-
-
-def scale_saved_gradients_once(ctx, grad_output, op: str) -> list:
-    """Backward of a gradient-in-forward Function: scale its saved gradients by grad_output in place.
-
-    The gradients' rows are their dim −2 ([N, V] or [K, N, V]); ``reduction="none"`` gives a
-    per-row grad_output [N]. The scale is applied in fp32 and rounded once into the gradient's
-    dtype. In place, so one graph's backward can run only once (no retain_graph re-use).
-    """
-    if ctx.used:
-        raise RuntimeError(f"{op} backward ran twice: its gradients are scaled in place, so "
-                           "retain_graph re-use is not supported; recompute the loss instead")
-    ctx.used = True
-    scale = grad_output.float()
-    if ctx.reduction == "none":
-        scale = scale.unsqueeze(-1)
-    return [None if g is None else g.mul_(scale) for g in ctx.saved_tensors]
 
 
 def check_expert_logits(experts) -> tuple[int, int, int]:
@@ -156,9 +142,7 @@ def _kernel_reasons(name: str, experts, others, student=None) -> list[str]:
 
 
 def _primitives(name: str):
-    """(kd loss kernels, fuse primitive) of a fused backend, imported lazily. The kd loss kernels are
-    the (forward, backward) pair of Triton's recompute-in-backward design, or CUDA's rows primitive
-    (gradients written in the forward)."""
+    """((kd loss forward, backward), fuse primitive) of a fused backend, imported lazily."""
     if name == "triton":
         from kdengine.kernels.fuse_experts import (  # noqa: PLC0415
             fuse_experts_triton,
@@ -168,9 +152,13 @@ def _primitives(name: str):
 
         return (fused_experts_kd_forward_triton, fused_experts_kd_backward_triton), fuse_experts_triton
     if name == "cuda":
-        from kdengine.ops._cuda import fuse_experts_cuda, fused_experts_kd_rows_cuda  # noqa: PLC0415
+        from kdengine.ops._cuda import (  # noqa: PLC0415
+            fuse_experts_cuda,
+            fused_experts_kd_backward_cuda,
+            fused_experts_kd_forward_cuda,
+        )
 
-        return fused_experts_kd_rows_cuda, fuse_experts_cuda
+        return (fused_experts_kd_forward_cuda, fused_experts_kd_backward_cuda), fuse_experts_cuda
     raise ValueError(name)
 
 
@@ -329,8 +317,8 @@ class FusedExpertsKDLossTorchFunction(torch.autograd.Function):
         return grad_s, grad_e, None, None, None, None, None, None, None
 
 
-class FusedExpertsKDRecomputeFunction(torch.autograd.Function):
-    """Triton, recompute-in-backward: the forward keeps the logits (saved, not copied), α and fp32 row
+class FusedExpertsKDLossFunction(torch.autograd.Function):
+    """Fused backends, recompute-in-backward: the forward keeps the logits (saved, not copied), α and fp32 row
     statistics; the backward re-reads the logits and writes each gradient once, already scaled by
     grad_output (fp32, one rounding). Nothing [N, V] or [K, N, V] lives between the two."""
 
@@ -352,30 +340,6 @@ class FusedExpertsKDRecomputeFunction(torch.autograd.Function):
         scale = grad_output if ctx.reduction == "none" else grad_output * grad_scale
         grad_s, grad_e = ctx.backward_kernel(student, experts, labels, row_weights, alpha, stats, scale.float(),
                                              ctx.spec, ctx.space, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_s, grad_e, None, None, None, None, None, None, None, None
-
-
-class FusedExpertsKDLossFunction(torch.autograd.Function):
-    """CUDA: reduce the rows of the primitive; backward scales the gradients it wrote in forward, in
-    place (so the backward of one loss can run only once)."""
-
-    @staticmethod
-    def forward(ctx, student, experts, labels, row_weights, grad_scale, spec, reduction, fusion, weights,
-                primitive):
-        weighting, space, sharpness = fusion
-        need_s, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        row_loss, _, _, grad_s, grad_e = primitive(student, experts, labels, row_weights, grad_scale, spec,
-                                                   weighting, space, sharpness, weights, need_s, need_e)
-        ctx.reduction = reduction
-        ctx.used = False
-        ctx.save_for_backward(grad_s, grad_e)
-        if reduction == "none":
-            return row_loss
-        return row_loss.sum() * grad_scale
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_s, grad_e = scale_saved_gradients_once(ctx, grad_output, "fused_experts_kd_loss")
         return grad_s, grad_e, None, None, None, None, None, None, None, None
 
 
@@ -420,6 +384,5 @@ def fused_experts_kd_loss(student_logits: torch.Tensor, expert_logits: torch.Ten
     if name == "torch":
         return FusedExpertsKDLossTorchFunction.apply(student_logits, expert_logits, labels, row_weights,
                                                      grad_scale, spec, reduction, fusion, weights)
-    function = FusedExpertsKDRecomputeFunction if name == "triton" else FusedExpertsKDLossFunction
-    return function.apply(student_logits, expert_logits, labels, row_weights, grad_scale, spec, reduction, fusion,
-                          weights, _primitives(name)[0])
+    return FusedExpertsKDLossFunction.apply(student_logits, expert_logits, labels, row_weights, grad_scale, spec,
+                                            reduction, fusion, weights, _primitives(name)[0])

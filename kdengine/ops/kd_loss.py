@@ -8,12 +8,12 @@ Three backends compute the same row losses (math in :mod:`kdengine.reference.kd_
   too); forward keeps per-row losses only, backward recomputes each chunk with autograd, so peak
   extra memory is ~ chunk × V, not N × V.
 
-The fused backends implement one primitive, ``rows(student, teacher, labels, row_weights,
-grad_scale, spec, need_grad_student, need_grad_teacher) -> (row_loss fp32 [N], grad_student,
-grad_teacher)``: the row losses before reduction, and the gradients of Σ row_loss · grad_scale
-written during the forward pass (online softmax over each row; never an [N, V] fp32 tensor).
-``KDLossFunction`` reduces the rows and, in backward, only scales the stored gradients by
-grad_output.
+The fused backends implement two kernels (recompute-in-backward, see :func:`primitives`): a forward
+that writes the row losses before reduction and fp32 per-row statistics only (online softmax over
+each row), and a backward that re-reads the logits and writes each gradient once, already multiplied
+by dL/d(row loss) (fp32 math, one rounding into the input dtype). ``KDLossFunction`` reduces the
+rows; nothing of size [N, V] lives between forward and backward. Traffic: docs/kernels.md, "Memory
+traffic".
 """
 
 from __future__ import annotations
