@@ -27,6 +27,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdengine-installed
 PIP := -m pip --disable-pip-version-check
 VENV_FLAGS := $(if $(filter 1,$(SYSTEM_SITE_PACKAGES)),--system-site-packages)
+# Prints torch==<installed version> (fails when there is none), without importing torch.
+TORCH_PIN := import importlib.metadata as m; print('torch==' + m.version('torch'))
 SEES_SYSTEM := $(if $(filter 1,$(SYSTEM_SITE_PACKAGES)),true,false)
 
 .PHONY: demo test test-latest constraints fresh-check install bench clean
@@ -39,9 +41,9 @@ define setup_venv
 	grep -qx "include-system-site-packages = $(SEES_SYSTEM)" $(1)/pyvenv.cfg 2>/dev/null || rm -rf $(1)
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(VENV_FLAGS) $(1)
 	$(1)/bin/python $(PIP) install -q $(3) $(if $(2),-c $(2)) pip setuptools wheel
-	$(1)/bin/python -c "import torch" 2>/dev/null || \
+	$(1)/bin/python -c "$(TORCH_PIN)" >/dev/null 2>&1 || \
 	  $(1)/bin/python $(PIP) install -q $(if $(2),-c $(2)) torch==$(TORCH_VERSION)
-	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(1)/pins.txt
+	$(1)/bin/python -c "$(TORCH_PIN)" > $(1)/pins.txt
 	$(if $(2),grep -v '^torch==' $(2) >> $(1)/pins.txt)
 	$(1)/bin/python .ci/requirements.py $(EXTRAS) > $(1)/requirements.txt
 	$(1)/bin/python $(PIP) install -q $(3) -c $(1)/pins.txt -r $(1)/requirements.txt
