@@ -14,6 +14,8 @@ weight [V, Ht]) is frozen. Loss: forward KL at T=2 with T², batchmean. Provider
                 teacher_weight) with that backend's rows primitive; chunked, gradients in forward.
 * ``trl_chunked``  ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (beta=0: forward
                 KL; its per-token divergence · T², mean) when trl is importable (GPU only).
+* ``liger_fljsd``  Liger's ``LigerFusedLinearJSD(jsd_beta=0, temperature=T)`` (β=0: forward KL,
+                batchmean; · T²) when liger_kernel is importable (GPU only).
 
 Modes: ``forward`` (student requires grad), ``full`` (forward + backward), ``backward`` =
 full − forward. Columns: ms (p50, p20, p80); ``TFLOP/s`` (full mode) against the GEMM work
@@ -49,7 +51,7 @@ SIZES = {
     "cpu-quick": [(48, 32, 48, 1000)],
 }
 PROVIDERS = ("eager", "compile", "linear_kd_loss[torch]", "linear_kd_loss[triton]", "linear_kd_loss[cuda]",
-             "trl_chunked")
+             "trl_chunked", "liger_fljsd")
 COLUMNS = ["provider", "mode", "N", "H", "Ht", "V", "dtype", "ms", "ms_p20", "ms_p80", "TFLOP/s", "speedup",
            "peak_MB", "mem_ratio", "loss_rel_err", "status"]
 
@@ -71,6 +73,19 @@ def _trl():
     def loss(hidden, weight, t_hidden, t_weight):
         divergence, _ = fn.apply(hidden, weight, None, t_hidden, t_weight, None, 0.0, TEMPERATURE)
         return divergence.mean() * TEMPERATURE ** 2
+
+    return loss, None
+
+
+def _liger_fljsd():
+    try:
+        module = importlib.import_module("liger_kernel.transformers.fused_linear_jsd")
+        fn = module.LigerFusedLinearJSD(jsd_beta=0.0, temperature=TEMPERATURE)
+    except (ImportError, AttributeError) as exc:
+        return None, f"liger_kernel fused-linear JSD not importable ({exc})"
+
+    def loss(hidden, weight, t_hidden, t_weight):
+        return fn(hidden, weight, t_hidden, t_weight) * TEMPERATURE ** 2
 
     return loss, None
 
@@ -98,6 +113,10 @@ def provider_fn(name: str, device: str, quick: bool):
         if device != "cuda":
             return None, "TRL's chunked divergence runs Triton GPU kernels"
         return _trl()
+    if name == "liger_fljsd":
+        if device != "cuda":
+            return None, "Liger's fused-linear JSD runs Triton GPU kernels"
+        return _liger_fljsd()
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
 
 
