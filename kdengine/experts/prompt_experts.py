@@ -29,14 +29,8 @@ import torch
 from transformers.utils import ModelOutput
 
 from kdengine import compat
-
-from kdengine.ops.expert_batch_embed import (
-    expert_batch_embed,
-    insert_offsets,
-    source_positions,
-    text_positions,
-)
-from kdengine.reference.expert_batch_embed import row_tables
+from kdengine.ops.expert_batch_embed import expert_batch_embed, source_positions, text_positions
+from kdengine.reference.expert_batch_embed import insert_offsets, row_tables
 
 KINDS = ("prompt", "prefix")
 TASKS = {
