@@ -1,6 +1,6 @@
 """Trainer overhead: a full kdengine training step against the bare model work on the same batch.
 
-    python -m benchmarks.bench_train_step [--model tiny|minilm] [--methods no_kd,vanilla_kd]
+    python -m benchmarks.bench_train_step [--model tiny|minilm] [--methods no_kd,vanilla_kd,pee_kd]
                                          [--batch 32] [--seq 64] [--steps 30] [--device cpu|cuda]
 
 Providers (same models, same batch, same optimizer settings):
@@ -79,7 +79,8 @@ def _setup(args, workdir: str):
 
 
 def _bare_step(teacher, student, optimizer, batch, uses_teacher: bool):
-    """The model work of one step in plain PyTorch. ``teacher`` maps the inputs to [B, C] logits."""
+    """The model work of one step in plain PyTorch. ``teacher`` maps the inputs to [B, C] logits
+    (for PEE-KD: the K prompt experts' batched forward, averaged in logit space)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     logits = student(**inputs).logits
     loss = F.cross_entropy(logits, batch["labels"])
@@ -95,27 +96,33 @@ def _bare_step(teacher, student, optimizer, batch, uses_teacher: bool):
 
 
 def _measure(method_name: str, args, cfg, inputs, teacher, new_student, batch, workdir: str) -> list[dict]:
+    from kdengine.config import options_for
     from kdengine.methods import resolve_method
     from kdengine.methods.base import STUDENT
+    from kdengine.train.stages import run_method_stage
     from kdengine.train.teacher import context
     from kdengine.train.trainer import Trainer, make_accelerator, param_groups
 
-    cfg = dataclasses.replace(cfg, method=method_name)
-    method_cls = resolve_method(method_name)
     run_dir = os.path.join(workdir, method_name)
+    cfg = dataclasses.replace(options_for(cfg, method_name), output_dir=run_dir)
+    method_cls = resolve_method(method_name)
     os.makedirs(run_dir, exist_ok=True)
     accelerator = make_accelerator(cfg, run_dir)
     ctx = context(cfg, accelerator, inputs, run_dir, teachers=[teacher] if method_cls.uses_teacher else [],
                   log=lambda message: None)
     method = method_cls(ctx)
-    if tuple(method.stages) != (STUDENT,):
-        raise SystemExit(f"{method_name}: multi-stage methods ({', '.join(method.stages)}) are not benchmarked here")
+    for stage_name in method.stages[:-1]:          # PEE-KD: train the experts and selector first
+        run_method_stage(cfg, method, stage_name, None, log=lambda message: None)
 
     bare_student = new_student().to(args.device)
     bare_optimizer = torch.optim.AdamW(param_groups(bare_student, cfg.weight_decay), lr=cfg.learning_rate)
 
-    def bare_teacher(inputs):
-        return teacher(**inputs).logits
+    if method_name == "pee_kd":
+        def bare_teacher(inputs):
+            return method.experts(**inputs).logits.mean(0)           # [K, B, C] -> logit average
+    else:
+        def bare_teacher(inputs):
+            return teacher(**inputs).logits
     bare = time_ms(lambda: _bare_step(bare_teacher, bare_student, bare_optimizer, batch, method_cls.uses_teacher),
                    device=args.device)
 
@@ -150,7 +157,7 @@ def _measure(method_name: str, args, cfg, inputs, teacher, new_student, batch, w
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
-    parser.add_argument("--methods", default="no_kd,vanilla_kd")
+    parser.add_argument("--methods", default="no_kd,vanilla_kd,pee_kd")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)

@@ -1,6 +1,6 @@
 """Saving and loading :class:`PromptExperts`: the experts alone, loadable onto a fresh backbone.
 
-Layout of a saved directory (written atomically: a temporary sibling directory, then a rename):
+Layout of a saved directory (written atomically through :mod:`kdengine.atomic`):
 
 * ``experts.safetensors``: ``prompts`` [K, P, width] (fp32; float64 on a float64 backbone) and,
   when the head is trained, ``head.<name>`` tensors of the task head's state dict.
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from kdengine.atomic import atomic_directory
 
 CONFIG_NAME = "experts_config.json"
 WEIGHTS_NAME = "experts.safetensors"
@@ -94,21 +94,10 @@ def save_experts(experts, directory: str) -> None:
     if experts.head is not None:
         for name, value in experts.head.state_dict().items():
             tensors[f"head.{name}"] = value.detach().cpu().contiguous().clone()
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(experts_config(experts), f, indent=2, sort_keys=True)
-        if os.path.isdir(directory):
-            old = tmp + ".old"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_experts(cls, directory: str, model, **kwargs):

@@ -48,6 +48,22 @@ def _log(is_main: bool):
     return log
 
 
+def describe_backends(requested: str) -> str:
+    """One line saying which kernel backends can run here; ValueError (before any work) when the
+    requested one cannot."""
+    from kdengine.ops._backends import BACKENDS, availability  # noqa: PLC0415
+
+    status = {name: availability(name) for name in BACKENDS}
+    if requested != "auto" and not status[requested][0]:
+        raise ValueError(f"kernel_backend={requested!r} cannot run here: {status[requested][1]}; use "
+                         f"--kernel_backend auto (or see python -m kdengine.info)")
+    usable = [name for name in BACKENDS if status[name][0]]
+    chosen = (f"the ops use the first of {', '.join(usable)} that accepts their inputs" if requested == "auto"
+              else f"every op runs on {requested}")
+    skipped = "; ".join(f"{name} unavailable: {why}" for name, (ok, why) in status.items() if not ok)
+    return f"kernel_backend={requested}: {chosen}" + (f" ({skipped})" if skipped else "")
+
+
 def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
     """Refuse an output_dir that holds a different run, or an unfinished one when not resuming."""
     from kdengine.train import checkpoint  # noqa: PLC0415
@@ -153,6 +169,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.task not in method_cls.tasks:
         raise ValueError(f"method {cfg.method} does not support task {cfg.task} (it supports "
                          f"{', '.join(method_cls.tasks)})")
+    backends = describe_backends(cfg.kernel_backend)
     set_seed(cfg.seed)
     fresh_output_dir = not os.path.isdir(cfg.output_dir) or not os.listdir(cfg.output_dir)
     if state.is_main_process:
@@ -162,6 +179,7 @@ def run(cfg: TrainConfig) -> dict:
     state.wait_for_everyone()
     log(f"[config] method={cfg.method} task={cfg.task} output_dir={cfg.output_dir} stages={cfg.stage_list()} "
         f"processes={state.num_processes} device={state.device}")
+    log(f"[backends] {backends}")
     inputs, teacher_srcs, student_src, tiny = load_inputs(cfg, state, log)
     stages = cfg.stage_list()
     methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method] + [cfg.method]

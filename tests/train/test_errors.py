@@ -169,3 +169,14 @@ def test_majority_baseline_matches_a_constant_predictor():
     score, label = majority_baseline(ner, tags)
     # Always "O" finds no entity (F1 0); always "B-PER" predicts 5 entities, 1 of them right: F1 = 1/3.
     assert label == "B-PER" and score == pytest.approx(1 / 3)
+
+
+def test_an_unavailable_kernel_backend_fails_before_anything_is_written(tmp_path, capsys):
+    from kdengine.ops._backends import availability  # noqa: PLC0415
+
+    if availability("cuda")[0]:
+        pytest.skip("the cuda backend runs here")
+    out = tmp_path / "out"
+    assert main(small_args(out, kernel_backend="cuda")) == 2
+    assert "kernel_backend='cuda' cannot run here: " in capsys.readouterr().err
+    assert not out.exists()
