@@ -101,15 +101,17 @@ class TrafficCounter(TorchDispatchMode):
         def itemsize(ptrs) -> int:
             return ptrs.get_element_ty().primitive_bitwidth // 8
 
-        def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        # The trailing cache/eviction arguments differ between Triton releases (3.6: cache_modifier,
+        # eviction_policy; 3.9: cache_policy): pass them through untouched.
+        def masked_load(self, ptrs, mask, *rest):
             live = np.broadcast_to(mask.data, ptrs.data.shape)
             counter._add_addresses(ptrs.data[live], itemsize(ptrs), "read")
-            return load(self, ptrs, mask, other, cache_policy, is_volatile)
+            return load(self, ptrs, mask, *rest)
 
-        def masked_store(self, ptrs, value, mask, cache_policy):
+        def masked_store(self, ptrs, value, mask, *rest):
             live = np.broadcast_to(mask.data, ptrs.data.shape)
             counter._add_addresses(ptrs.data[live], itemsize(ptrs), "write")
-            return store(self, ptrs, value, mask, cache_policy)
+            return store(self, ptrs, value, mask, *rest)
 
         def run_kernel(self, *args, **kwargs):
             counter._in_kernel += 1  # the interpreter's own host copies are not kernel traffic
