@@ -234,11 +234,11 @@ _S_SUM_R = tl.constexpr(5)
 _S_SUM_SIG = tl.constexpr(6)
 _S_TVD = tl.constexpr(7)  # TVD_SUMS slots
 _S_EXPERTS = tl.constexpr(15)
-_EXPERT_BLOCKS = 6  # L_k ref, L_k log2 d, c_k, W₊, W₋, W₀ of p_k
+_EXPERT_BLOCKS = tl.constexpr(6)  # L_k ref, L_k log2 d, c_k, W₊, W₋, W₀ of p_k
 
 
 def _stats_width(k_pad: int) -> int:
-    return 15 + _EXPERT_BLOCKS * k_pad
+    return _S_EXPERTS.value + _EXPERT_BLOCKS.value * k_pad
 
 
 @triton.jit
@@ -258,7 +258,7 @@ def _fused_experts_kd_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: K · N · V may exceed 2³¹
     s_row = s_ptr + row * stride_s
     e_row = e_ptr + row * stride_en
-    stats_row = stats_ptr + row * (15 + 6 * K_PAD)
+    stats_row = stats_ptr + row * (_S_EXPERTS + _EXPERT_BLOCKS * K_PAD)
     cols = tl.arange(0, BLOCK)
     k_offs = tl.arange(0, K_PAD)
     k_real = k_offs < K
@@ -438,7 +438,7 @@ def _fused_experts_kd_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     e_row = e_ptr + row * stride_en
-    stats_row = stats_ptr + row * (15 + 6 * K_PAD)
+    stats_row = stats_ptr + row * (_S_EXPERTS + _EXPERT_BLOCKS * K_PAD)
     cols = tl.arange(0, BLOCK)
     k_offs = tl.arange(0, K_PAD)
     k_real = k_offs < K
