@@ -4,7 +4,7 @@ Every directory kdengine writes as a whole (checkpoints, stage outputs, the fine
 goes through :func:`temporary_directory` + :func:`commit_directory` (or :func:`atomic_directory`
 when one process writes it): written into ``.tmp-<name>`` beside its final path, fsynced, then
 renamed over it. A crash leaves at most a ``.tmp-*`` directory, which readers ignore and the next
-write replaces.
+write replaces. :func:`read_json` reads such files back, naming the file when one is damaged.
 """
 
 from __future__ import annotations
@@ -57,6 +57,18 @@ def atomic_directory(final: str):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_directory(tmp, final)
+
+
+def read_json(path: str):
+    """The JSON value in ``path``, None when there is no such file; a ValueError naming the file when
+    it cannot be read or parsed (a truncated results file, a damaged checkpoint)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); the file is damaged") from None
 
 
 def write_json(path: str, data: dict) -> None:

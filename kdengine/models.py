@@ -182,16 +182,31 @@ def save_trainable(module: torch.nn.Module, path: str) -> None:
     save_file(state, path)
 
 
-def load_trainable(module: torch.nn.Module, path: str) -> None:
-    """Load what :func:`save_trainable` wrote into ``module`` (ValueError on a name it does not have)."""
+def read_safetensors(path: str) -> dict:
+    """{name: tensor} of a safetensors file (ValueError naming it when it is missing or damaged)."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    state = load_file(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: the saved stage or checkpoint is incomplete")
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise ValueError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
+                         "damaged") from None
+
+
+def load_trainable(module: torch.nn.Module, path: str) -> None:
+    """Load what :func:`save_trainable` wrote into ``module`` (ValueError on a name it does not have)."""
+    state = read_safetensors(path)
     params = dict(module.named_parameters())
     unknown = sorted(set(state) - set(params))
     if unknown:
         raise ValueError(f"{path}: parameters {unknown[:5]} are not in {type(module).__name__}; the file was "
                          "saved from a different module or options")
+    wrong = [f"{name} {tuple(value.shape)} (expected {tuple(params[name].shape)})" for name, value in state.items()
+             if value.shape != params[name].shape]
+    if wrong:
+        raise ValueError(f"{path}: wrong shapes {wrong[:3]}; the file was saved from a different module or options")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device))

@@ -15,13 +15,16 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from kdengine.atomic import atomic_directory
+from kdengine.atomic import atomic_directory, read_json
+from kdengine.models import read_safetensors
 
 CONFIG_NAME = "experts_config.json"
 WEIGHTS_NAME = "experts.safetensors"
 FORMAT_VERSION = 1
+_CONFIG_KEYS = ("peft", "num_experts", "num_virtual_tokens", "kind", "placement", "init", "train_head", "task",
+                "hidden_size", "num_layers", "kv_heads", "head_dim", "prefix_dropout")
 PEFT_TASK_TYPES = {
     "sequence_classification": "SEQ_CLS",
     "token_classification": "TOKEN_CLS",
@@ -103,14 +106,15 @@ def save_experts(experts, directory: str) -> None:
 def load_experts(cls, directory: str, model, **kwargs):
     """Build ``cls`` on ``model`` from a directory written by :func:`save_experts`."""
     path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
+    config = read_json(path)
+    if config is None:
         raise ValueError(f"{directory} has no {CONFIG_NAME}: not a PromptExperts directory")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
+    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+        found = config.get("format_version") if isinstance(config, dict) else config
+        raise ValueError(f"{path}: format_version {found!r:.60}, expected {FORMAT_VERSION}")
+    missing = [key for key in _CONFIG_KEYS if key not in config]
+    if missing or not isinstance(config["peft"], dict):
+        raise ValueError(f"{path}: missing or malformed {', '.join(missing) or 'peft'}; the file is damaged")
     experts = cls(
         model,
         config["num_experts"],
@@ -134,8 +138,11 @@ def load_experts(cls, directory: str, model, **kwargs):
             f"{k}: saved {expected[k]}, backbone {found[k]}" for k in expected if expected[k] != found[k]
         )
         raise ValueError(f"the experts in {directory} were trained on a different backbone ({diff})")
-    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
-    prompts = tensors.pop("prompts")
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    tensors = read_safetensors(weights)
+    prompts = tensors.pop("prompts", None)
+    if prompts is None:
+        raise ValueError(f"{weights} has no 'prompts' tensor; the file is damaged")
     if tuple(prompts.shape) != tuple(experts.prompts.shape):
         raise ValueError(
             f"{directory}: prompts have shape {tuple(prompts.shape)}, expected {tuple(experts.prompts.shape)}"
@@ -145,5 +152,10 @@ def load_experts(cls, directory: str, model, **kwargs):
     experts.init, experts.init_text = config["init"], config["peft"].get("prompt_tuning_init_text")
     head = {name[len("head.") :]: value for name, value in tensors.items() if name.startswith("head.")}
     if head:
-        experts.head.load_state_dict(head)
+        if experts.head is None:
+            raise ValueError(f"{weights} holds a task head but {CONFIG_NAME} says train_head is false")
+        try:
+            experts.head.load_state_dict(head)
+        except RuntimeError as exc:
+            raise ValueError(f"{weights}: its head does not fit the backbone's ({str(exc).splitlines()[0]})") from None
     return experts

@@ -16,10 +16,12 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from kdengine.atomic import read_json
 from kdengine.constants import IGNORE_INDEX
+from kdengine.models import read_safetensors
 
 SELECTOR_CONFIG = "selector_config.json"
 SELECTOR_WEIGHTS = "selector.safetensors"
@@ -62,10 +64,19 @@ class ExpertSelector(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str) -> ExpertSelector:
-        with open(os.path.join(directory, SELECTOR_CONFIG)) as f:
-            cfg = json.load(f)
+        """Read what :meth:`save_pretrained` wrote (JSON + safetensors only; ValueError naming the file
+        that is missing, damaged or does not match its config)."""
+        path = os.path.join(directory, SELECTOR_CONFIG)
+        cfg = read_json(path)
+        keys = ("num_experts", "hidden_size", "vocab_size", "embedding_dim")
+        if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), int) and cfg[k] >= 1 for k in keys):
+            raise ValueError(f"{path}: expected positive integers {', '.join(keys)}, got {cfg!r:.120}")
         selector = cls(torch.zeros(cfg["vocab_size"], cfg["embedding_dim"]), cfg["num_experts"], cfg["hidden_size"])
-        selector.load_state_dict(load_file(os.path.join(directory, SELECTOR_WEIGHTS)))
+        weights = os.path.join(directory, SELECTOR_WEIGHTS)
+        try:
+            selector.load_state_dict(read_safetensors(weights))
+        except RuntimeError as exc:
+            raise ValueError(f"{weights} does not match {SELECTOR_CONFIG} ({str(exc).splitlines()[0]})") from None
         return selector
 
 

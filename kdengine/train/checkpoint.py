@@ -6,9 +6,14 @@ leaves at most a ``.tmp-*`` directory, which resume ignores and the next save re
 
 Contents: the stage's first module if it is a transformers model (``save_pretrained``,
 safetensors), every other module as ``<name>.safetensors`` (trainable parameters),
-``optimizer.pt``/``scheduler.pt`` (``optimizer_<name>.pt`` for a stage's further optimizers),
-``rng_state_<process>.pth`` (python, numpy, torch, cuda) and ``trainer_state.json`` (global step,
-epoch, batch position, best metric, log history, the open logging window).
+``optimizer.state.safetensors``/``scheduler.state.safetensors`` (``optimizer_<name>...`` for a
+stage's further optimizers), ``rng_state_<process>.state.safetensors`` (python, numpy, torch,
+cuda) and ``trainer_state.json`` (global step, epoch, batch position, best metric, log history,
+the open logging window).
+
+Loading unpickles nothing: safetensors and JSON only (:mod:`kdengine.train.state_file`), the
+first module with ``use_safetensors=True``. A damaged or foreign file is a ValueError naming it;
+a checkpoint of the old pickled layout (``optimizer.pt``) is refused, never read.
 """
 
 from __future__ import annotations
@@ -23,17 +28,23 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from kdengine.atomic import TMP_PREFIX as _TMP, commit_directory, temporary_directory
+from kdengine.atomic import TMP_PREFIX as _TMP, commit_directory, read_json, temporary_directory
 from kdengine.models import load_trainable, save_trainable
+from kdengine.train.state_file import SUFFIX, load_state, save_state
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = _TMP + PREFIX
 STATE_FILE = "trainer_state.json"
 _PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
+# Files of the pickled layout kdengine wrote before: never loaded (resume refuses such a checkpoint).
+_PICKLED = ("optimizer.pt", "scheduler.pt", "rng_state_0.pth")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state of this process (numpy's key as an int64 tensor: state files hold no arrays)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                    cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -41,7 +52,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -82,8 +94,12 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 
 def _optimizer_file(name: str, kind: str) -> str:
-    """optimizer.pt / scheduler.pt for the stage's first optimizer "main", <kind>_<name>.pt otherwise."""
-    return f"{kind}.pt" if name == "main" else f"{kind}_{name}.pt"
+    """optimizer / scheduler state of the stage's first optimizer "main", <kind>_<name> otherwise."""
+    return f"{kind}{SUFFIX}" if name == "main" else f"{kind}_{name}{SUFFIX}"
+
+
+def _rng_file(process: int) -> str:
+    return f"rng_state_{process}{SUFFIX}"
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, *, modules: dict, optimizers: dict, schedulers: dict,
@@ -97,7 +113,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, *, modules: dict, o
     if accelerator.is_main_process:
         temporary_directory(final)   # creates tmp, empty
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+    save_state(rng_state(), os.path.join(tmp, _rng_file(accelerator.process_index)))
     if accelerator.is_main_process:
         for index, (name, module) in enumerate(modules.items()):
             unwrapped = accelerator.unwrap_model(module)
@@ -106,8 +122,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, *, modules: dict, o
             else:
                 save_trainable(unwrapped, os.path.join(tmp, f"{name}.safetensors"))
         for name, optimizer in optimizers.items():
-            torch.save(optimizer.state_dict(), os.path.join(tmp, _optimizer_file(name, "optimizer")))
-            torch.save(schedulers[name].state_dict(), os.path.join(tmp, _optimizer_file(name, "scheduler")))
+            save_state(optimizer.state_dict(), os.path.join(tmp, _optimizer_file(name, "optimizer")))
+            save_state(schedulers[name].state_dict(), os.path.join(tmp, _optimizer_file(name, "scheduler")))
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
             json.dump(state, fh, indent=2)
     accelerator.wait_for_everyone()
@@ -128,27 +144,71 @@ def prune(output_dir: str, limit: int | None, *, keep: str | None = None) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, directory: str, *, modules: dict, optimizers: dict, schedulers: dict) -> dict:
+def _restore(path: str, what: str, restore) -> None:
+    """``restore(load_state(path))``; a state that does not fit (another stage, other options) is a
+    ValueError naming the file."""
+    state = load_state(path)
+    try:
+        restore(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path} does not fit this stage's {what} ({type(exc).__name__}: {exc}); the checkpoint "
+                         f"belongs to another stage or options, or is damaged") from None
+
+
+def read_state(directory: str, template: dict) -> dict:
+    """``trainer_state.json`` of a checkpoint: every key of ``template`` (the trainer's fresh state) with
+    a value of the same kind, else a ValueError naming the file."""
+    path = os.path.join(directory, STATE_FILE)
+    state = read_json(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}; the checkpoint is damaged")
+    for key, fresh in template.items():
+        value = state.get(key, KeyError)
+        kinds = (int, float) if isinstance(fresh, float) else (type(fresh),) if fresh is not None else \
+            (type(None), int, float, str)
+        if value is KeyError or isinstance(value, bool) != isinstance(fresh, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{path}: {key!r} is {'missing' if value is KeyError else repr(value)[:40]}, expected "
+                             f"{' or '.join(k.__name__ for k in kinds)}; the checkpoint is damaged")
+    window = state.get("window", {"loss": 0.0, "n": 0, "logs": {}})
+    if not (isinstance(window, dict) and isinstance(window.get("loss"), (int, float))
+            and isinstance(window.get("n"), int) and isinstance(window.get("logs"), dict)
+            and all(isinstance(v, (int, float)) for v in window["logs"].values())):
+        raise ValueError(f"{path}: 'window' is {repr(window)[:60]}, expected {{loss: number, n: int, logs: {{name: "
+                         f"number}}}}; the checkpoint is damaged")
+    return state
+
+
+def load_checkpoint(accelerator, directory: str, *, modules: dict, optimizers: dict, schedulers: dict,
+                    template: dict) -> dict:
     """Restore what :func:`save_checkpoint` wrote: modules, optimizers, schedulers and this process's
-    RNG state; returns the trainer state."""
+    RNG state; returns the trainer state (checked against ``template``, the trainer's fresh state).
+    Reads safetensors and JSON only; ValueError naming the file that is missing, damaged or foreign."""
+    pickled = [name for name in _PICKLED if os.path.isfile(os.path.join(directory, name))]
+    if pickled and not os.path.isfile(os.path.join(directory, _optimizer_file("main", "optimizer"))):
+        raise ValueError(f"{directory} is a checkpoint of the old pickled layout ({', '.join(pickled)}), which "
+                         f"kdengine no longer loads (unpickling runs code); restart this stage: remove {directory}")
+    rng_file = os.path.join(directory, _rng_file(accelerator.process_index))
+    if not os.path.isfile(rng_file):
+        raise ValueError(f"{directory} has no RNG state for process {accelerator.process_index} (it was saved "
+                         f"with fewer processes); resume with the same number of processes")
+    state = read_state(directory, template)
     for index, (name, module) in enumerate(modules.items()):
         unwrapped = accelerator.unwrap_model(module)
         if index == 0 and isinstance(unwrapped, PreTrainedModel):
-            saved = type(unwrapped).from_pretrained(directory)
-            unwrapped.load_state_dict(saved.state_dict())
+            try:
+                saved = type(unwrapped).from_pretrained(directory, use_safetensors=True)
+                unwrapped.load_state_dict(saved.state_dict())
+            except Exception as exc:  # transformers and safetensors raise many types for damaged files
+                raise ValueError(f"{directory}: its model (config.json + model.safetensors) does not load "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
+                                 f"checkpoint is damaged") from None
             del saved
         else:
             load_trainable(unwrapped, os.path.join(directory, f"{name}.safetensors"))
     for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(torch.load(os.path.join(directory, _optimizer_file(name, "optimizer")),
-                                             map_location="cpu", weights_only=False))
-        schedulers[name].load_state_dict(torch.load(os.path.join(directory, _optimizer_file(name, "scheduler")),
-                                                    weights_only=False))
-    rng_file = os.path.join(directory, f"rng_state_{accelerator.process_index}.pth")
-    if not os.path.isfile(rng_file):
-        raise ValueError(f"{directory} has no RNG state for process {accelerator.process_index} (it was saved "
-                         f"with fewer processes); resume with the same number of processes")
-    with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as fh:
-        state = json.load(fh)
-    set_rng_state(torch.load(rng_file, weights_only=False))
+        _restore(os.path.join(directory, _optimizer_file(name, "optimizer")), f"optimizer {name!r}",
+                 optimizer.load_state_dict)
+        _restore(os.path.join(directory, _optimizer_file(name, "scheduler")), f"schedule {name!r}",
+                 schedulers[name].load_state_dict)
+    _restore(rng_file, "RNG state", set_rng_state)
     return state

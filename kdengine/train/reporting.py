@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from kdengine.atomic import write_json
+from kdengine.atomic import read_json, write_json
 
 
 class MetricsLog:
@@ -35,13 +35,6 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
         self.accelerator.log(scalars, step=row["step"])
-
-
-def read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def write_results(directory: str, name: str, values: dict) -> str:

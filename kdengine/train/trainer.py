@@ -205,7 +205,7 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         if resume_dir:
             state.update(checkpoint.load_checkpoint(acc, resume_dir, modules=self.modules, optimizers=self.optimizers,
-                                                    schedulers=self.schedulers))
+                                                    schedulers=self.schedulers, template=state))
             self.ctx.log(f"[{self.desc}] resumed from {resume_dir} at step {state['global_step']} "
                          f"(epoch {state['epoch']}, batch {state['batch_in_epoch']})")
         self.metrics_log.rewrite(state["log_history"])
