@@ -7,7 +7,9 @@ empty temporary cwd, with only that install on sys.path (``site.addsitedir`` als
 editable install's .pth finder): ``import kdengine.kernels`` must work and
 ``importlib.util.find_spec("kernels")`` must be None. The CUDA switch of setup.py is checked on
 this CPU torch: ``KDENGINE_BUILD_CUDA=1`` fails loudly with the reason, unset succeeds and says
-why the extension was skipped.
+why the extension was skipped. Run from a checkout's root (on sys.path under ``python -m``),
+``import kernels`` must still reach an installed PyPI ``kernels``, or look uninstalled to
+transformers' probe when there is none.
 """
 
 from __future__ import annotations
@@ -109,3 +111,40 @@ def test_cuda_switch_on_cpu_torch(project, tmp_path):
     assert auto.returncode == 0, output[-4000:]
     assert "skipping the CUDA extension (the installed torch" in output, output[-4000:]
     assert "is a CPU build" in output, output[-4000:]
+
+
+SHADOW_PROBE = """
+import json, sys
+from transformers.utils.import_utils import is_kernels_available
+import kernels
+print(json.dumps({"file": getattr(kernels, "__file__", None), "marker": getattr(kernels, "MARKER", None),
+                  "transformers_sees_kernels": is_kernels_available(), "cwd_first": sys.path[0] == ""}))
+"""
+
+
+def shadow_probe(pythonpath: str) -> dict:
+    """SHADOW_PROBE run with ``-c`` (sys.path[0] = the cwd = the repository root)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run([sys.executable, "-c", SHADOW_PROBE], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_checkout_root_does_not_shadow_installed_kernels(tmp_path):
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('MARKER = "pypi kernels"\n')
+    state = shadow_probe(str(tmp_path / "site"))
+    assert state["cwd_first"], state
+    assert state["marker"] == "pypi kernels" and state["file"] == str(fake / "__init__.py"), state
+
+
+def test_checkout_root_kernels_reads_as_not_installed(tmp_path):
+    state = shadow_probe("")
+    if state["marker"] is not None or (state["file"] or "").startswith(sys.prefix):
+        pytest.skip("a PyPI kernels is installed in this environment")
+    assert state["file"] is None, state
+    assert state["transformers_sees_kernels"] is False, state
