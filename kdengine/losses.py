@@ -23,6 +23,10 @@ Two ways to call it:
 
 Returns a fp32 scalar, or fp32 rows shaped like the leading dimensions with ``reduction="none"``.
 
+``hidden_state_loss`` is the feature term of multi-layer distillation (MT-BERT's multi-teacher
+hidden loss, TinyBERT-style layer matching): student layers mapped to teacher layers, each through
+its learned projection, compared by MSE or cosine distance over the real (unpadded) tokens.
+
 Example::
 
     import torch
@@ -50,6 +54,8 @@ from torch import nn
 from kdengine.ops.kd_loss import kd_loss, make_spec
 from kdengine.ops.linear_kd_loss import linear_kd_loss
 from kdengine.reference.kd_loss import REDUCTIONS
+
+HIDDEN_LOSSES = ("mse", "cosine")
 
 
 def _rows(t: torch.Tensor | None, name: str, last_dim: bool) -> torch.Tensor | None:
@@ -141,3 +147,65 @@ class KDLoss(nn.Module):
         if self.options["reduction"] == "none":
             return out.reshape(lead)
         return out
+
+
+def hidden_state_loss(student_hidden_states, teacher_hidden_states, layer_map, projections=None,
+                      attention_mask: torch.Tensor | None = None, loss_type: str = "mse") -> torch.Tensor:
+    """Σ over the pairs (s, t) of ``layer_map`` of the distance between the projected student layer s
+    and the teacher layer t, averaged over the real tokens.
+
+    Args:
+        student_hidden_states: the student's ``hidden_states`` (a sequence, index 0 the embeddings,
+            as transformers returns with ``output_hidden_states=True``), each [B, L, Hs].
+        teacher_hidden_states: the teacher's, each [B, L, Ht] (same B and L).
+        layer_map: pairs ``(student_layer, teacher_layer)`` indexing those sequences.
+        projections: None (Hs == Ht), or one callable per pair mapping [..., Hs] -> [..., Ht]
+            (e.g. an ``nn.ModuleList`` of ``nn.Linear``).
+        attention_mask: [B, L], 1 on real tokens, 0 on padding (None: every token counts).
+        loss_type: ``mse`` (mean over the real tokens and the Ht dimensions of the squared error)
+            or ``cosine`` (mean over the real tokens of 1 − cos(projected student, teacher)).
+
+    Returns:
+        a scalar in the accumulation dtype (fp32; float64 for float64 inputs); gradients reach the
+        student states and the projections (the teacher states are targets, detached).
+    """
+    if loss_type not in HIDDEN_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(HIDDEN_LOSSES)}")
+    if student_hidden_states is None or teacher_hidden_states is None:
+        raise ValueError("hidden_state_loss needs both models' hidden_states (call them with "
+                         "output_hidden_states=True)")
+    pairs = [tuple(pair) for pair in layer_map]
+    if not pairs:
+        raise ValueError("layer_map is empty: expected at least one (student_layer, teacher_layer) pair")
+    if projections is not None and len(projections) != len(pairs):
+        raise ValueError(f"{len(projections)} projections for {len(pairs)} layer pairs; pass one per pair")
+    for side, states, index in (("student", student_hidden_states, 0), ("teacher", teacher_hidden_states, 1)):
+        for pair in pairs:
+            if not 0 <= pair[index] < len(states):
+                raise ValueError(f"layer_map pair {pair} names {side} layer {pair[index]}, but the {side} has "
+                                 f"hidden states 0..{len(states) - 1} (0: embeddings)")
+    first = student_hidden_states[pairs[0][0]]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    if attention_mask is None:
+        mask = torch.ones(first.shape[:-1], dtype=dtype, device=first.device)
+    else:
+        if tuple(attention_mask.shape) != tuple(first.shape[:-1]):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be [B, L] = "
+                             f"{tuple(first.shape[:-1])} of the hidden states")
+        mask = attention_mask.to(dtype)
+    tokens = mask.sum().clamp_min(1.0)
+    total = torch.zeros((), dtype=dtype, device=first.device)
+    for i, (s, t) in enumerate(pairs):
+        student = student_hidden_states[s]
+        projected = (student if projections is None else projections[i](student)).to(dtype)
+        target = teacher_hidden_states[t].detach().to(dtype)
+        if projected.shape != target.shape:
+            raise ValueError(f"layer pair {(s, t)}: the projected student state {tuple(projected.shape)} does not "
+                             f"match the teacher state {tuple(target.shape)}; pass projections to width "
+                             f"{target.shape[-1]}")
+        if loss_type == "mse":
+            per_token = (projected - target).pow(2).mean(-1)
+        else:
+            per_token = 1.0 - torch.nn.functional.cosine_similarity(projected, target, dim=-1, eps=1e-8)
+        total = total + (per_token * mask).sum() / tokens
+    return total

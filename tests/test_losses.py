@@ -99,3 +99,71 @@ def test_bad_calls_raise_value_error():
 def test_docstring_example_runs():
     source = kdengine.losses.__doc__.split("Example::", 1)[1]
     exec(compile(textwrap.dedent(source), "kdengine.losses example", "exec"), {})
+
+
+# ---------------------------------------------------------------- hidden_state_loss
+
+def _hidden_reference(student, teacher, pairs, weights, biases, mask, loss_type):
+    """Token by token in float64: Σ_pairs (1 / real tokens) Σ_real tokens d(W s + b, t)."""
+    total = torch.zeros((), dtype=torch.float64)
+    real = [(b, i) for b in range(mask.shape[0]) for i in range(mask.shape[1]) if mask[b, i]]
+    for (s, t), w, bias in zip(pairs, weights, biases):
+        for b, i in real:
+            p, target = w @ student[s][b, i] + bias, teacher[t][b, i]
+            if loss_type == "mse":
+                total = total + ((p - target) ** 2).sum() / p.numel() / len(real)
+            else:
+                total = total + (1 - p.dot(target) / (p.norm() * target.norm())) / len(real)
+    return total
+
+
+@pytest.mark.parametrize("loss_type", ["mse", "cosine"])
+def test_hidden_state_loss_matches_a_float64_reference(loss_type):
+    b, length, hs, ht = 3, 7, 5, 9
+    student = [torch.randn(b, length, hs, requires_grad=True) for _ in range(3)]     # embeddings + 2 layers
+    teacher = [torch.randn(b, length, ht) for _ in range(5)]                            # embeddings + 4 layers
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[0, 4:], mask[2, 2:] = 0, 0                                                     # padding
+    pairs = [(1, 2), (2, 4), (0, 0)]
+    projections = torch.nn.ModuleList(torch.nn.Linear(hs, ht) for _ in pairs)
+    loss = kdengine.losses.hidden_state_loss(student, teacher, pairs, projections, attention_mask=mask,
+                                             loss_type=loss_type)
+    s64 = [x.detach().double().requires_grad_() for x in student]
+    w64 = [p.weight.detach().double().requires_grad_() for p in projections]
+    b64 = [p.bias.detach().double() for p in projections]
+    want = _hidden_reference(s64, [t.double() for t in teacher], pairs, w64, b64, mask, loss_type)
+    assert loss.dtype == torch.float32
+    assert_close(loss, want, torch.float32, msg="loss")
+    loss.backward()
+    want.backward()
+    for i in range(3):
+        assert_close(student[i].grad, s64[i].grad, torch.float32, msg=f"grad student layer {i}")
+    for p, w in zip(projections, w64):
+        assert_close(p.weight.grad, w.grad, torch.float32, msg="grad projection")
+    # Padding carries no loss and gets no gradient.
+    assert student[1].grad[0, 4:].abs().max() == 0 and student[2].grad[2, 2:].abs().max() == 0
+
+
+def test_hidden_state_loss_float64_inputs_stay_float64_and_equal_widths_need_no_projection():
+    states = [torch.randn(2, 3, 4, dtype=torch.float64) for _ in range(2)]
+    loss = kdengine.losses.hidden_state_loss(states, [s + 1.0 for s in states], [(1, 1)])
+    assert loss.dtype == torch.float64 and loss.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layer_map=[(3, 1)]), r"names student layer 3, but the student has hidden states 0..2"),
+    (dict(layer_map=[(1, 7)]), r"names teacher layer 7, but the teacher has hidden states 0..4"),
+    (dict(layer_map=[]), "layer_map is empty"),
+    (dict(loss_type="l1"), "unknown loss_type 'l1'"),
+    (dict(projections=[]), "0 projections for 1 layer pairs"),
+    (dict(projections=None), r"projected student state \(2, 3, 4\) does not match the teacher state \(2, 3, 6\)"),
+    (dict(attention_mask=torch.ones(2, 4)), r"attention_mask \(2, 4\) must be \[B, L\] = \(2, 3\)"),
+    (dict(student_hidden_states=None), "needs both models' hidden_states"),
+])
+def test_hidden_state_loss_bad_calls_raise_value_error(kwargs, match):
+    call = dict(student_hidden_states=[torch.randn(2, 3, 4) for _ in range(3)],
+                teacher_hidden_states=[torch.randn(2, 3, 6) for _ in range(5)], layer_map=[(1, 2)],
+                projections=[torch.nn.Linear(4, 6)])
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kdengine.losses.hidden_state_loss(**call)
