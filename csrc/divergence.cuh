@@ -17,7 +17,7 @@ namespace kdengine {
 //        split sums, g − Σ w g (w = p or q, Σ w = 1) is a sum of positive terms (tvd_centered).
 //        D₊ = D₋ exactly; finish_sums keeps the side with the smaller mass (1 − 1 of a peaked
 //        column never enters D).
-//   mse: sums[2] = Σ (s − t) over finite columns
+//   mse: sums[2] = Σ (s − t) over finite columns (−inf: masked; NaN / +inf poison the row)
 // Zero-probability columns contribute 0 (0·log 0 = 0).
 // ---------------------------------------------------------------------------------------------
 struct DivergenceConsts {
@@ -122,6 +122,12 @@ __device__ __forceinline__ float divergence_grad_teacher(const Column& c, const 
     return __expf(c.lp) * tvd_centered(tvd_sign(c), sums[2], sums[3], sums[4]);  // p (g − Σ p g)
   }
 }
+
+// Non-finite inputs are never hidden: only −inf means a masked column (the column tests above,
+// lp != −inf, are true for NaN too). A kernel counts the NaN and +inf logits of a row in a pass
+// that reads every input; a non-zero count makes the row's loss and gradients NaN (poison).
+__device__ __forceinline__ float nonfinite(float x) { return (isnan(x) || x == INFINITY) ? 1.f : 0.f; }
+__device__ __forceinline__ float poison(float count) { return count > 0.f ? NAN : 0.f; }
 
 // Host-side constants of a KDLossOptions.
 inline DivergenceConsts divergence_consts(const KDLossOptions& o, int64_t vocab) {

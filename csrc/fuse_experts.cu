@@ -27,6 +27,7 @@ struct ExpertStats {
   float alpha[kMaxExperts];
   float log_alpha[kMaxExperts];  // −inf where α_k <= 0 (and for NaN weights): the expert is dropped
   LogSumExp lse[kMaxExperts];    // of z_k / T
+  float bad;                     // number of NaN / +inf logits in the row's experts (forward)
 };
 
 // Pass 1 and α for row n; writes alpha[n, :] and entropy[n, :]. Block-wide.
@@ -35,6 +36,7 @@ __device__ void expert_statistics(const FusionArgs& f, const T* row0, int64_t V,
                                   ExpertStats& stats) {
   constexpr int N = Vec<T>::n;
   __shared__ float entropy[kMaxExperts], top[kMaxExperts];
+  float bad[1] = {0.f};
   for (int e = 0; e < f.num_experts; ++e) {
     const T* row = row0 + e * f.expert_stride;
     const bool vec = aligned16(row);
@@ -43,7 +45,10 @@ __device__ void expert_statistics(const FusionArgs& f, const T* row0, int64_t V,
       float z[N];
       load_chunk<T, N>(row, c * N, V, vec, z);
 #pragma unroll
-      for (int k = 0; k < N; ++k) entropy_push(st[0], st[1], st[2], z[k] * inv_t);
+      for (int k = 0; k < N; ++k) {
+        if (c * N + k < V) bad[0] += nonfinite(z[k]);
+        entropy_push(st[0], st[1], st[2], z[k] * inv_t);
+      }
     }
     block_allreduce(st, EntropyMergeOp());
     if (threadIdx.x == 0) {
@@ -53,6 +58,8 @@ __device__ void expert_statistics(const FusionArgs& f, const T* row0, int64_t V,
       top[e] = 1.f / st[1];  // max_c p_k,c = exp(m − lse) = 1 / d
     }
   }
+  block_allreduce(bad, SumOp());
+  if (threadIdx.x == 0) stats.bad = bad[0];
   __syncthreads();
   if (threadIdx.x == 0) {
     const int K = f.num_experts;
@@ -88,6 +95,7 @@ template <typename T, int KIND, int SPACE>
 struct FusedTeacher {
   static constexpr int N = Vec<T>::n;
   static constexpr int grad_stages = SPACE == kProbSpace ? 2 : 1;
+  static constexpr bool raw_columns = false;  // its experts are counted by expert_statistics
   const T* row0;                 // expert 0's row n; expert e at row0 + e · expert_stride
   int64_t expert_stride;
   int num_experts;
@@ -98,6 +106,7 @@ struct FusedTeacher {
   int64_t grad_expert_stride;
   bool wants_grad;
   float mse_coef;                // grad_scale · row_weight · kd_scale (mse's Σ g)
+  float nan_row;                 // backward: the row's poison, added to every expert gradient
   float inv_vocab;
   LogSumExp fused_lse;           // logit space: of z̄ / T
   float* partial_s;              // prob space: shared [3 · kMaxExperts], the block sums S_k (tvd:
@@ -118,6 +127,8 @@ struct FusedTeacher {
       for (int k = 0; k < N; ++k) zbar[k] += a * z[k];
     }
   }
+
+  __device__ float bad_logits() const { return stats->bad; }
 
   __device__ void zero_grads() {
     if (grad0 == nullptr) return;
@@ -201,7 +212,7 @@ struct FusedTeacher {
         const float a = stats->alpha[e];
         float out[N];
 #pragma unroll
-        for (int k = 0; k < N; ++k) out[k] = a > 0.f ? a * gz[k] : 0.f;
+        for (int k = 0; k < N; ++k) out[k] = (a > 0.f ? a * gz[k] : 0.f) + nan_row;
         T* grow = grad0 + e * grad_expert_stride;
         store_chunk<T, N>(grow, start, vocab, aligned16(grow), out);
       }
@@ -249,6 +260,8 @@ struct FusedTeacher {
         s_acc[e] += chunk_s;
       }
       if (stage == 1) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) out[k] += nan_row;
         T* grow = grad0 + e * grad_expert_stride;
         store_chunk<T, N>(grow, start, vocab, aligned16(grow), out);
       }
@@ -279,6 +292,7 @@ __device__ void init_teacher(FusedTeacher<T, KIND, SPACE>& t, const FusionArgs& 
   t.grad_expert_stride = N_rows * V;
   t.wants_grad = false;
   t.mse_coef = 0.f;
+  t.nan_row = 0.f;
   t.inv_vocab = 1.f / static_cast<float>(V);
   t.fused_lse = LogSumExp{0.f, 0.f};
   t.partial_s = nullptr;
@@ -312,6 +326,7 @@ __global__ void __launch_bounds__(kMaxThreads) fuse_experts_kernel(const FuseExp
   FusedTeacher<T, kForwardKL, SPACE> teacher;
   init_teacher(teacher, a.fusion, n, a.n_rows, V, a.temperature, stats);
   teacher.prepare();
+  const float nan_row = poison(stats.bad);  // a NaN / +inf logit in any expert: a NaN row
   float* out = a.log_probs + n * V;
   const bool vec_out = (V & 3) == 0 && aligned16(a.log_probs);
   for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
@@ -320,11 +335,12 @@ __global__ void __launch_bounds__(kMaxThreads) fuse_experts_kernel(const FuseExp
     if (vec_out && c * N + N <= V) {
 #pragma unroll
       for (int k = 0; k < N; k += 4)
-        *reinterpret_cast<float4*>(out + c * N + k) = make_float4(lp[k], lp[k + 1], lp[k + 2], lp[k + 3]);
+        *reinterpret_cast<float4*>(out + c * N + k) =
+            make_float4(lp[k] + nan_row, lp[k + 1] + nan_row, lp[k + 2] + nan_row, lp[k + 3] + nan_row);
     } else {
 #pragma unroll
       for (int k = 0; k < N; ++k)
-        if (c * N + k < V) out[c * N + k] = lp[k];
+        if (c * N + k < V) out[c * N + k] = lp[k] + nan_row;
     }
   }
 }
@@ -363,6 +379,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
     teacher.grad0 = static_cast<T*>(a.grad_experts) + n * V;
     teacher.wants_grad = true;
     teacher.mse_coef = r.grad_scale * r.row_weight * a.options.kd_scale;
+    teacher.nan_row = row_stats[kPoisonStat];
     teacher.partial_s = partial_s;
   }
   // Logit space, forward/reverse KL and soft CE: log-sum-exps and D in one read of the row.

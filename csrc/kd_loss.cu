@@ -18,6 +18,7 @@ template <typename T, int KIND>
 struct LogitTeacher {
   static constexpr int N = Vec<T>::n;
   static constexpr int grad_stages = 1;
+  static constexpr bool raw_columns = true;  // the driver counts its NaN / +inf logits
   const T* row;
   T* grad;            // contiguous row or nullptr
   int64_t vocab;

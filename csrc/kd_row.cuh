@@ -24,6 +24,11 @@ namespace kdengine {
 //   void columns(start, float (&lp)[N], float (&t)[N]);   log p at T and the teacher logits t
 //   void grad_columns(stage, start, lq, lp, g, sums);     g = dL/dt of the chunk (row scale in)
 //   void between_stages();                                block-wide, after stage 0
+//   static constexpr bool raw_columns;                    columns()/scaled_logits() return the
+//                                                         input logits (the driver counts their
+//                                                         NaN / +inf), else:
+//   float bad_logits() const;                             its own count of NaN / +inf logits
+//                                                         (block-uniform, forward)
 // and, for kl_forward_row, scaled_logits(start, float (&u)[N]) (u = t / T) and set_lse(LogSumExp).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -57,15 +62,26 @@ __device__ __forceinline__ float hard_label_ce(const KDRow<T>& r, float lse_hard
   return NAN;
 }
 
-// Row statistics of the forward (thread 0): student log-sum-exps, the sums, then the teacher's.
+// Row statistics of the forward (thread 0): student log-sum-exps, the sums, the poison, then the
+// teacher's.
 template <typename T, typename Teacher>
 __device__ __forceinline__ void save_row_stats(const KDRow<T>& r, const Teacher& teacher, LogSumExp lse_q,
-                                               float lse_hard, const float (&sums)[kSums]) {
+                                               float lse_hard, const float (&sums)[kSums], float nan_row) {
   r.stats[0] = lse_q.m;
   r.stats[1] = lse_q.log_d;
   r.stats[2] = lse_hard;
   for (int i = 0; i < kSums; ++i) r.stats[3 + i] = sums[i];
+  r.stats[kPoisonStat] = nan_row;
   teacher.save(r.stats + kTeacherStats);
+}
+
+// The row's poison (divergence.cuh) from this thread's count of NaN / +inf logits. Block-wide.
+template <typename Teacher>
+__device__ __forceinline__ float row_poison(float count, const Teacher& teacher) {
+  float bad[1] = {count};
+  block_allreduce(bad, SumOp());
+  if constexpr (!Teacher::raw_columns) bad[0] += teacher.bad_logits();
+  return poison(bad[0]);
 }
 
 template <typename T, int KIND, int MODE, typename Teacher>
@@ -123,7 +139,8 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
   const float ce = hard_label_ce(r, lse_hard, hard, label, bad_label);
 
   if constexpr (MODE == kForwardStats) {
-    // Pass 2: the row sums (D and the auxiliary sums).
+    // Pass 2: the row sums (D and the auxiliary sums), and the count of NaN / +inf logits.
+    float bad = 0.f;
     for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
       float s[N], lp[N], t[N];
       load_chunk<T, N>(r.student, c * N, V, vec_s, s);
@@ -131,15 +148,17 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         if (c * N + k < V) {
+          bad += nonfinite(s[k]) + (Teacher::raw_columns ? nonfinite(t[k]) : 0.f);
           divergence_terms<KIND>(Column{lse_q.log_prob(s[k] * inv_t), lp[k], s[k], t[k]}, r.consts, sums);
         }
       }
     }
     block_allreduce(sums, SumOp());
     finish_sums<KIND>(sums);
+    const float nan_row = row_poison(bad, teacher);
     if (threadIdx.x == 0) {
-      *r.row_loss = r.row_weight * (o.kd_scale * sums[0] + o.hard_weight * ce);
-      save_row_stats(r, teacher, lse_q, lse_hard, sums);
+      *r.row_loss = r.row_weight * (o.kd_scale * sums[0] + o.hard_weight * ce) + nan_row;
+      save_row_stats(r, teacher, lse_q, lse_hard, sums, nan_row);
     }
   } else {
     const bool need_gs = r.grad_student != nullptr, need_gt = teacher.wants_grad;
@@ -147,6 +166,7 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
     const float c_row = r.grad_scale * r.row_weight;
     const float coef = c_row * o.kd_scale * (KIND == kMSE ? 1.f : inv_t);
     const float c_hard = c_row * o.hard_weight;
+    const float nan_row = r.stats[kPoisonStat];  // NaN gradients for a row with a NaN / +inf logit
     const bool vec_gs = need_gs && aligned16(r.grad_student);
     auto grad_pass = [&](int stage) {
       for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
@@ -164,7 +184,8 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
             gs[k] = coef * divergence_grad_student<KIND>(col, r.consts, sums);
             if (hard) gs[k] += c_hard * (__expf(s[k] - lse_hard) - (start + k == label ? 1.f : 0.f));
             if (bad_label) gs[k] = NAN;
-            gt[k] = coef * divergence_grad_teacher<KIND>(col, r.consts, sums);
+            gs[k] += nan_row;
+            gt[k] = coef * divergence_grad_teacher<KIND>(col, r.consts, sums) + nan_row;
           }
         }
         if (need_gs && stage == 0) store_chunk<T, N>(r.grad_student, start, V, vec_gs, gs);
@@ -203,12 +224,14 @@ __device__ void kl_forward_row(const KDRow<T>& r, Teacher& teacher) {
   const bool own_t1 = hard && o.temperature != 1.f;
   const bool vec_s = aligned16(r.student);
   float st[7] = {kNegInf, 0.f, kNegInf, 0.f, kNegInf, 0.f, 0.f};
+  float bad = 0.f;  // NaN / +inf logits (divergence.cuh)
   for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
     float s[N], ut[N];
     load_chunk<T, N>(r.student, c * N, V, vec_s, s);
     teacher.scaled_logits(c * N, ut);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
+      if (c * N + k < V) bad += nonfinite(s[k]) + (Teacher::raw_columns ? nonfinite(ut[k]) : 0.f);
       const float us = s[k] * inv_t;
       if constexpr (KIND == kReverseKL) {
         weighted_push(st[0], st[1], st[6], us, us - ut[k]);
@@ -221,6 +244,7 @@ __device__ void kl_forward_row(const KDRow<T>& r, Teacher& teacher) {
     }
   }
   block_allreduce(st, KLMergeOp<W>());
+  const float nan_row = row_poison(bad, teacher);
   if (threadIdx.x != 0) return;
   const LogSumExp lse_s{st[0], logf(st[1])}, lse_t{st[2], logf(st[3])};
   float sums[kSums] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // sums[0] = D: the KL family's only row sum
@@ -235,9 +259,9 @@ __device__ void kl_forward_row(const KDRow<T>& r, Teacher& teacher) {
   int64_t label;
   bool bad_label;
   const float ce = hard_label_ce(r, lse_hard, hard, label, bad_label);
-  *r.row_loss = r.row_weight * (o.kd_scale * sums[0] + o.hard_weight * ce);
+  *r.row_loss = r.row_weight * (o.kd_scale * sums[0] + o.hard_weight * ce) + nan_row;
   teacher.set_lse(lse_t);
-  save_row_stats(r, teacher, lse_s, lse_hard, sums);
+  save_row_stats(r, teacher, lse_s, lse_hard, sums, nan_row);
 }
 
 }  // namespace kdengine

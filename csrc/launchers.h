@@ -51,10 +51,12 @@ enum RowMode : int {
 
 // Per-row statistics written by the forward and read by the backward (fp32): the student's
 // log-sum-exp at T (m, log d) and at T = 1 (hard label), the divergence row sums (see
-// divergence_terms), then the teacher's own from kTeacherStats on: kd_loss's teacher log-sum-exp
-// (m, log d); fused experts' fused log-sum-exp (logit space) and every expert's.
+// divergence_terms), the row's poison (NaN when it holds a NaN or +inf logit, else 0), then the
+// teacher's own from kTeacherStats on: kd_loss's teacher log-sum-exp (m, log d); fused experts'
+// fused log-sum-exp (logit space) and every expert's.
 constexpr int kSums = 8;
-constexpr int kTeacherStats = 3 + kSums;
+constexpr int kPoisonStat = 3 + kSums;
+constexpr int kTeacherStats = kPoisonStat + 1;
 constexpr int kRowStats = kTeacherStats + 2;
 constexpr int kFusedRowStats = kTeacherStats + 2 + 2 * kMaxExperts;
 

@@ -21,7 +21,11 @@ is a sum of positive terms: :func:`tvd_centered` evaluates it with no cancellati
 the same trap (|p − q| of a peaked column is 1 − 1): as Σ p = Σ q, D = Σ_{p>q} (p − q) =
 Σ_{p<q} (q − p), and :func:`tvd_distance` takes the side with the smaller mass.
 
-mse works on raw logits s and t (D · V = Σ (s − t)², columns where either is ±inf contribute 0):
+Non-finite inputs are never hidden: a kernel counts the NaN and +inf logits of a row
+(:func:`nonfinite`) in a pass that reads every input, and :func:`poison` turns a non-zero count into a
+NaN added to the row's loss and gradients. Only −inf means a masked column.
+
+mse works on raw logits s and t (D · V = Σ (s − t)², columns where either is −inf contribute 0):
 r = ∂(D·V)/∂t = −2 (s − t) and σ = ∂(D·V)/∂s = 2 (s − t).
 """
 
@@ -99,6 +103,20 @@ def online_kl_finish(acc, z_t, z_s, lse_t, lse_s, KIND: tl.constexpr):
     else:
         d = LN2 * (tl.sum(acc, axis=0) / tl.sum(z_s, axis=0) + (lse_t[0] - lse_s[0]) + (lse_t[1] - lse_s[1]))
         return d, -1.0, d
+
+
+@triton.jit
+def nonfinite(x):
+    # 1.0 where a logit is NaN or +inf (a broken input), else 0.0. Only −inf means "masked": the
+    # column masks (x > −inf) are False for NaN too, so without this count a NaN would be hidden.
+    return tl.where((x != x) | (x == float("inf")), 1.0, 0.0)
+
+
+@triton.jit
+def poison(count):
+    # NaN when the row held a NaN or +inf logit (count > 0), else 0: added to the row's loss and to
+    # each of its gradients, so a broken row is never a finite number.
+    return tl.where(count > 0, float("nan"), 0.0)
 
 
 @triton.jit

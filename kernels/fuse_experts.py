@@ -58,9 +58,11 @@ from kdengine.kernels.divergence import (
     finish_lse,
     finish_lse_split,
     load_row,
+    nonfinite,
     online_kl_finish,
     online_kl_step,
     online_step,
+    poison,
     tvd_centered,
     tvd_chunk_sums,
     tvd_distance,
@@ -129,15 +131,20 @@ def _expert_stats_finish(ref, d, w, k_offs, K):
 
 @triton.jit
 def _expert_stats(e_row, stride_k, k_offs, K, V, c, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    # Pass 1 over the experts: (L_k, H_k, d_k) per expert (_expert_stats_finish).
+    # Pass 1 over the experts: (L_k, H_k, d_k) per expert (_expert_stats_finish) and the number of
+    # NaN / +inf logits in the row's experts.
     cols = tl.arange(0, BLOCK)
     m = tl.full([K_PAD], float("-inf"), tl.float32)
     ref = tl.zeros([K_PAD], tl.float32)
     d = tl.zeros([K_PAD], tl.float32)
     w = tl.zeros([K_PAD], tl.float32)
+    bad = tl.zeros([K_PAD, BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
-        m, ref, d, w = _expert_stats_step(m, ref, d, w, _load_experts(e_row, stride_k, k_offs, start + cols, K, V, c))
-    return _expert_stats_finish(ref, d, w, k_offs, K)
+        x = _load_experts(e_row, stride_k, k_offs, start + cols, K, V, c)
+        bad += nonfinite(x)
+        m, ref, d, w = _expert_stats_step(m, ref, d, w, x)
+    lse, entropy, d = _expert_stats_finish(ref, d, w, k_offs, K)
+    return lse, entropy, d, tl.sum(tl.sum(bad, axis=1), axis=0)
 
 
 @triton.jit
@@ -201,13 +208,14 @@ def _fused_log2p(x, lse, alpha, lse_fused, SPACE: tl.constexpr):
 @triton.jit
 def _chunk_terms(e_row, stride_k, s_row, k_offs, offs, K, V, c, lse, alpha, lse_f, lse_s, temperature, beta,
                  log2_beta, log2_1m_beta, SPACE: tl.constexpr, KIND: tl.constexpr):
-    # One chunk of a pass over experts and student: (s, log2 p̄, log2 p_k, log2 q, D term, r, σ).
+    # One chunk of a pass over experts and student: (s, log2 p̄, log2 p_k, log2 q, D term, r, σ, the
+    # chunk's count of NaN / +inf logits per column).
     x = _load_experts(e_row, stride_k, k_offs, offs, K, V, c)
     s = load_row(s_row, offs, V)
     a2, lp = _fused_log2p(x, lse, alpha, lse_f, SPACE)
     b2 = (s * c - lse_s[0]) - lse_s[1]
     term, r, sigma = _terms(a2, b2, s, temperature, beta, log2_beta, log2_1m_beta, KIND)
-    return s, a2, lp, b2, term, r, sigma
+    return s, a2, lp, b2, term, r, sigma, tl.sum(nonfinite(x), axis=0) + nonfinite(s)
 
 
 @triton.jit
@@ -233,7 +241,8 @@ _S_LS_F = tl.constexpr(4)
 _S_SUM_R = tl.constexpr(5)
 _S_SUM_SIG = tl.constexpr(6)
 _S_TVD = tl.constexpr(7)  # TVD_SUMS slots
-_S_EXPERTS = tl.constexpr(15)
+_S_POISON = tl.constexpr(15)  # NaN when the row has a NaN / +inf logit, else 0 (divergence.poison)
+_S_EXPERTS = tl.constexpr(16)
 _EXPERT_BLOCKS = tl.constexpr(6)  # L_k ref, L_k log2 d, c_k, W₊, W₋, W₀ of p_k
 
 
@@ -287,8 +296,9 @@ def _fused_experts_kd_fwd_kernel(
     if MERGED:
         alpha = _mixture(zeros_k, zeros_k, k_offs, K, sharpness, w_row, WEIGHTING)
     else:
-        lse, entropy, d_k = _expert_stats(e_row, stride_ek, k_offs, K, V, c, K_PAD, BLOCK)
+        lse, entropy, d_k, _ = _expert_stats(e_row, stride_ek, k_offs, K, V, c, K_PAD, BLOCK)
         alpha = _mixture(entropy, d_k, k_offs, K, sharpness, w_row, WEIGHTING)
+    bad = tl.zeros([BLOCK], tl.float32)  # NaN / +inf logits, counted in the last pass over every input
     m_s = float("-inf")
     z_s = tl.zeros([BLOCK], tl.float32)
     m_1 = float("-inf")
@@ -326,6 +336,7 @@ def _fused_experts_kd_fwd_kernel(
             if ONLINE:
                 # the student's log-sum-exp and D against p̄ = softmax2(x̄), online (as kd_loss's pass 1)
                 s = load_row(s_row, start + cols, V)
+                bad += tl.sum(nonfinite(x), axis=0) + nonfinite(s)
                 xs = s * c
                 m_s, f_s, e_s = online_step(m_s, xs)
                 z_s = z_s * f_s + e_s
@@ -372,9 +383,10 @@ def _fused_experts_kd_fwd_kernel(
         acc_kz = tl.zeros([K_PAD, BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             offs = start + cols
-            s, a2, lp, b2, term, r, sigma = _chunk_terms(e_row, stride_ek, s_row, k_offs, offs, K, V, c, lse, alpha,
-                                                         lse_f, lse_s, temperature, beta, log2_beta, log2_1m_beta,
-                                                         SPACE, KIND)
+            s, a2, lp, b2, term, r, sigma, n_bad = _chunk_terms(e_row, stride_ek, s_row, k_offs, offs, K, V, c, lse,
+                                                                alpha, lse_f, lse_s, temperature, beta, log2_beta,
+                                                                log2_1m_beta, SPACE, KIND)
+            bad += n_bad
             acc_d += term
             acc_r += r
             acc_sig += sigma
@@ -410,6 +422,8 @@ def _fused_experts_kd_fwd_kernel(
     tl.store(stats_row + _S_SUM_R, sum_r)
     tl.store(stats_row + _S_SUM_SIG, sum_sig)
     tl.store(stats_row + _S_TVD + tl.arange(0, TVD_SUMS), tvd)
+    nan_row = poison(tl.sum(bad, axis=0))
+    tl.store(stats_row + _S_POISON, nan_row)
     expert_stats = stats_row + _S_EXPERTS + k_offs
     tl.store(expert_stats, lse[0])
     tl.store(expert_stats + K_PAD, lse[1])
@@ -418,7 +432,7 @@ def _fused_experts_kd_fwd_kernel(
     tl.store(expert_stats + 4 * K_PAD, k_minus)
     tl.store(expert_stats + 5 * K_PAD, k_zero)
     # row loss = row_weight · (kd_weight · [T²] · D + hard_weight · CE), 0 on ignored rows
-    tl.store(loss_ptr + row, tl.where(valid, row_w * (kd_scale * dvg + hard_weight * ce), 0.0))
+    tl.store(loss_ptr + row, tl.where(valid, row_w * (kd_scale * dvg + hard_weight * ce) + nan_row, 0.0))
 
 
 @triton.jit
@@ -451,9 +465,10 @@ def _fused_experts_kd_bwd_kernel(
     w = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
     if HAS_ROW_W:
         w = w * tl.load(row_w_ptr + row).to(tl.float32)
-    bad_label = 0.0
+    nan_row = tl.load(stats_row + _S_POISON)  # a NaN / +inf logit: NaN gradients, like the NaN loss
+    bad_label = nan_row
     if HARD:
-        bad_label = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
+        bad_label += tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
     alpha = tl.load(alpha_ptr + row * K + k_offs, mask=k_real, other=0.0)
     lse_s = (tl.load(stats_row + _S_M_S), tl.load(stats_row + _S_LS_S))
     lse_1 = tl.load(stats_row + _S_L_1)
@@ -472,9 +487,9 @@ def _fused_experts_kd_bwd_kernel(
     ge_row = ge_ptr + row * V
     for start in range(0, V, BLOCK):
         offs = start + cols
-        s, a2, lp, b2, term, r, sigma = _chunk_terms(e_row, stride_ek, s_row, k_offs, offs, K, V, c, lse, alpha,
-                                                     lse_f, lse_s, temperature, beta, log2_beta, log2_1m_beta,
-                                                     SPACE, KIND)
+        s, a2, lp, b2, term, r, sigma, _ = _chunk_terms(e_row, stride_ek, s_row, k_offs, offs, K, V, c, lse, alpha,
+                                                        lse_f, lse_s, temperature, beta, log2_beta, log2_1m_beta,
+                                                        SPACE, KIND)
         if GRAD_S:
             # dD/du_s = σ − q Σσ (kdengine.kernels.divergence); mse: σ on raw logits
             if KIND == MSE:
@@ -483,8 +498,9 @@ def _fused_experts_kd_bwd_kernel(
                 g_s = coef_s * tvd_student_grad(a2, b2, tvd)
             else:
                 g_s = coef_s * (sigma - tl.exp2(b2) * sum_sig)
+            g_s += bad_label
             if HARD:
-                g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0)) + bad_label
+                g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0))
             tl.store(gs_row + offs, tl.where(valid, w * g_s, 0.0).to(gs_row.dtype.element_ty), mask=offs < V)
         if GRAD_E:
             if SPACE == _LOGIT:
@@ -503,7 +519,7 @@ def _fused_experts_kd_bwd_kernel(
                     rho = tl.where(live, tl.exp2(lp - a2[None, :]), 0.0)
                     g_e = alpha[:, None] * (r[None, :] * rho - p_k * c_k[:, None])
             ptrs = ge_row + k_offs[:, None].to(tl.int64) * N * V + offs[None, :]
-            tl.store(ptrs, tl.where(valid, w * coef_e * g_e, 0.0).to(ge_ptr.dtype.element_ty),
+            tl.store(ptrs, tl.where(valid, w * coef_e * g_e + nan_row, 0.0).to(ge_ptr.dtype.element_ty),
                      mask=k_real[:, None] & (offs[None, :] < V))
 
 
@@ -518,8 +534,9 @@ def _fuse_experts_kernel(
     e_row = e_ptr + row * stride_en
     cols = tl.arange(0, BLOCK)
     k_offs = tl.arange(0, K_PAD)
-    lse, entropy, d = _expert_stats(e_row, stride_ek, k_offs, K, V, c, K_PAD, BLOCK)
+    lse, entropy, d, n_bad = _expert_stats(e_row, stride_ek, k_offs, K, V, c, K_PAD, BLOCK)
     alpha = _mixture(entropy, d, k_offs, K, sharpness, weights_ptr + row * stride_w, WEIGHTING)
+    nan_row = poison(n_bad)  # a NaN / +inf logit in any expert: the row's log-probs are NaN
     tl.store(alpha_ptr + row * K + k_offs, alpha, mask=k_offs < K)
     tl.store(ent_ptr + row * K + k_offs, entropy, mask=k_offs < K)
     lse_f = (0.0, 0.0)
@@ -529,7 +546,7 @@ def _fuse_experts_kernel(
     for start in range(0, V, BLOCK):
         offs = start + cols
         a2, _ = _fused_log2p(_load_experts(e_row, stride_ek, k_offs, offs, K, V, c), lse, alpha, lse_f, SPACE)
-        tl.store(out_row + offs, a2 * LN2, mask=offs < V)
+        tl.store(out_row + offs, a2 * LN2 + nan_row, mask=offs < V)
 
 
 def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:

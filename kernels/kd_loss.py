@@ -47,9 +47,11 @@ from kdengine.kernels.divergence import (
     finish_lse,
     finish_lse_split,
     load_row,
+    nonfinite,
     online_kl_finish,
     online_kl_step,
     online_step,
+    poison,
     tvd_chunk_sums,
     tvd_distance,
     tvd_student_grad,
@@ -57,7 +59,7 @@ from kdengine.kernels.divergence import (
 )
 
 # Row statistics written by the forward, read by the backward (fp32 [N, STATS]).
-STATS = 15
+STATS = 16
 _STATS = tl.constexpr(STATS)
 _M_S = tl.constexpr(0)  # student at T: reference max and log2 Σ exp2 (finish_lse_split)
 _LS_S = tl.constexpr(1)
@@ -67,6 +69,7 @@ _L_1 = tl.constexpr(4)  # log2 Σ exp2 of the student at T=1 (hard label)
 _SUM_R = tl.constexpr(5)  # Σr, Σσ (kdengine.kernels.divergence)
 _SUM_SIGMA = tl.constexpr(6)
 _TVD = tl.constexpr(7)  # tvd: the row's tvd_chunk_sums (7 ... 14)
+_POISON = tl.constexpr(15)  # NaN when the row has a NaN or +inf logit, else 0 (divergence.poison)
 
 # Columns per chunk. A chunk holds ~8 fp32 vectors live in pass 1 (two inputs, their scaled
 # values and exponentials, the running sums), so BLOCK / (32 · num_warps) = 8 elements per
@@ -110,13 +113,16 @@ def _kd_fwd_row(s_row, t_row, stats_row, V, label, c, kd_scale, hard_weight, bet
     m_1 = float("-inf")
     z_1 = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK], tl.float32)
+    bad = tl.zeros([BLOCK], tl.float32)  # NaN / +inf logits seen (counted where both rows are read)
     if SOFTMAX or OWN_T1:
         for start in range(0, V, BLOCK):
             offs = start + cols
             s = load_row(s_row, offs, V)
             if SOFTMAX:
                 a_s = s * c
-                a_t = load_row(t_row, offs, V) * c
+                t = load_row(t_row, offs, V)
+                bad += nonfinite(s) + nonfinite(t)
+                a_t = t * c
                 m_s, alpha_s, e_s = online_step(m_s, a_s)
                 z_s = z_s * alpha_s + e_s
                 m_t, alpha_t, e_t = online_step(m_t, a_t)
@@ -161,6 +167,8 @@ def _kd_fwd_row(s_row, t_row, stats_row, V, label, c, kd_scale, hard_weight, bet
             offs = start + cols
             s = load_row(s_row, offs, V)
             t = load_row(t_row, offs, V)
+            if KIND == MSE:
+                bad += nonfinite(s) + nonfinite(t)
             a2 = (t * c - r_t) - ls_t
             b2 = (s * c - r_s) - ls_s
             term, r, sigma = divergence_terms(a2, b2, s, t, beta, log2_beta, log2_1m_beta, KIND)
@@ -185,7 +193,9 @@ def _kd_fwd_row(s_row, t_row, stats_row, V, label, c, kd_scale, hard_weight, bet
     tl.store(stats_row + _L_1, l_1)
     tl.store(stats_row + _SUM_R, sum_r)
     tl.store(stats_row + _SUM_SIGMA, sum_sigma)
-    return kd_scale * d + hard_weight * ce
+    nan_row = poison(tl.sum(bad, axis=0))
+    tl.store(stats_row + _POISON, nan_row)
+    return kd_scale * d + hard_weight * ce + nan_row
 
 
 @triton.jit
@@ -240,10 +250,12 @@ def _kd_loss_bwd_kernel(s_ptr, t_ptr, labels_ptr, weights_ptr, scale_ptr, stride
         tvd = tl.load(stats_row + _TVD + tl.arange(0, TVD_SUMS))
     k_soft = w * soft_coef
     k_hard = w * hard_weight
-    # A hard label outside [0, V): NaN gradients for the row, like its NaN loss.
-    bad_label = 0.0
+    # A NaN / +inf logit in the row: NaN gradients for the row, like its NaN loss.
+    nan_row = tl.load(stats_row + _POISON)
+    # A hard label outside [0, V): NaN student gradients for the row, like its NaN loss.
+    bad_label = nan_row
     if HARD:
-        bad_label = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
+        bad_label += tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
     for start in range(0, V, BLOCK):
         offs = start + cols
         in_v = offs < V
@@ -262,17 +274,18 @@ def _kd_loss_bwd_kernel(s_ptr, t_ptr, labels_ptr, weights_ptr, scale_ptr, stride
             g_s = sigma - tl.exp2(b2) * sum_sigma
             g_t = r - tl.exp2(a2) * sum_r
         if GRAD_S:
-            g_s = k_soft * g_s
+            g_s = k_soft * g_s + bad_label
             if HARD:
                 if OWN_T1:
                     q1 = tl.exp2(s * LOG2E - l_1)
                 else:
                     q1 = tl.exp2(b2)
-                g_s += k_hard * (q1 - tl.where(offs == label, 1.0, 0.0)) + bad_label
+                g_s += k_hard * (q1 - tl.where(offs == label, 1.0, 0.0))
             # an ignored row writes exact zeros (its zero statistics could make inf · 0 above)
             tl.store(gs_row + offs, tl.where(valid, g_s, 0.0).to(gs_row.dtype.element_ty), mask=in_v)
         if GRAD_T:
-            tl.store(gt_row + offs, tl.where(valid, k_soft * g_t, 0.0).to(gt_row.dtype.element_ty), mask=in_v)
+            tl.store(gt_row + offs, tl.where(valid, k_soft * g_t + nan_row, 0.0).to(gt_row.dtype.element_ty),
+                     mask=in_v)
 
 
 def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
@@ -344,7 +357,7 @@ def kd_loss_forward_triton(student: torch.Tensor, teacher: torch.Tensor, labels:
 
 def kd_loss_backward_triton(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                             row_weights: torch.Tensor | None, stats: torch.Tensor, scale: torch.Tensor, spec,
-                            need_grad_student: bool, need_grad_teacher: bool):
+                            need_grad_student: bool, need_grad_teacher: bool, grad_dtypes=(None, None)):
     """Gradients of Σ_rows scale · row_loss, recomputed from the logits and the forward's statistics.
 
     Args:
@@ -353,15 +366,18 @@ def kd_loss_backward_triton(student: torch.Tensor, teacher: torch.Tensor, labels
         scale: fp32 on the device, 0-d (every row: grad_output · the reduction's factor) or [N]
             (per row, reduction="none"): dL/d(row_loss). Read by the kernel: no host sync.
         need_grad_student, need_grad_teacher: which gradients to write.
+        grad_dtypes: (student's, teacher's) gradient dtype, None: that of the logits (linear_kd_loss
+            asks for bf16 gradients of fp32 logits: written directly, no fp32 [N, V] buffer).
 
     Returns:
-        (grad_student [N, V] in the student's dtype or None, grad_teacher [N, V] in the teacher's
-        dtype or None), contiguous; computed in fp32 with ``scale`` in, rounded once.
+        (grad_student [N, V] or None, grad_teacher [N, V] or None) in ``grad_dtypes`` (default the
+        logits' dtypes), contiguous; computed in fp32 with ``scale`` in, rounded once.
     """
     n, v = student.shape
     device = student.device
-    grad_s = torch.empty((n, v), dtype=student.dtype, device=device) if need_grad_student else None
-    grad_t = torch.empty((n, v), dtype=teacher.dtype, device=device) if need_grad_teacher else None
+    dtype_s, dtype_t = (d or x.dtype for d, x in zip(grad_dtypes, (student, teacher), strict=True))
+    grad_s = torch.empty((n, v), dtype=dtype_s, device=device) if need_grad_student else None
+    grad_t = torch.empty((n, v), dtype=dtype_t, device=device) if need_grad_teacher else None
     if n == 0 or v == 0 or not (need_grad_student or need_grad_teacher):
         return grad_s, grad_t
     student = _unit_column_stride(student)

@@ -255,6 +255,63 @@ def test_kd_loss_out_of_range_label_gives_nan_row(divergence):
     assert torch.isfinite(grad_s[0]).all() and torch.isnan(grad_s[1]).all() and torch.equal(grad_s[2], torch.zeros(v))
 
 
+def _nonfinite_rows(*rows: torch.Tensor) -> None:
+    """Row 1: a NaN, row 2: a +inf (in the first of ``rows``); the last row, ignored, a NaN."""
+    rows[0][1, 5] = math.nan
+    rows[0][2, -4] = math.inf
+    rows[0][-1, 9] = math.nan
+
+
+def _check_nonfinite(row_loss, grads, reference, grads64):
+    """Rows 1-2 NaN (loss and every gradient), row 3 (ignored) exactly 0, row 0 as float64."""
+    assert torch.isnan(row_loss[1:3]).all() and row_loss[3] == 0, row_loss
+    assert_close(row_loss[:1], reference[:1], torch.float32, "clean row_loss")
+    for name, grad, grad64 in zip(("student", "teacher"), grads, grads64, strict=True):
+        assert torch.isnan(grad[1:3]).all(), f"grad_{name} of a broken row is not all NaN"
+        assert not grad[3].any(), f"grad_{name} of the ignored row"
+        assert_close(grad[:1], grad64[:1], torch.float32, f"grad_{name} clean row")
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_loss_nonfinite_logit_gives_nan_row(divergence, side):
+    """Only −inf is masked: a NaN or +inf logit makes the row's loss and both gradients NaN."""
+    n, v = 4, 97
+    student, teacher = _logits(n, v, dtype=torch.float32), _logits(n, v, dtype=torch.float32)
+    _nonfinite_rows(student if side == "student" else teacher)
+    labels = torch.tensor([3, 4, 6, IGNORE])
+    spec = make_spec(divergence=divergence, temperature=2.0, hard_weight=0.4, **LOSS)
+    row_loss, grad_s, grad_t = _kd_rows(student, teacher, labels, None, spec, (True, True))
+    s64, t64 = _as64(student, True), _as64(teacher, True)
+    ref = kd_loss_reference(s64, t64, divergence=divergence, temperature=2.0, hard_weight=0.4, labels=labels,
+                            reduction="none", **LOSS)
+    (ref.sum() * GRAD_SCALE).backward()
+    _check_nonfinite(row_loss, (grad_s, grad_t), ref, (s64.grad, t64.grad))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "entropy"])
+@pytest.mark.parametrize("space", ["logit", "prob"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_experts_nonfinite_logit_gives_nan_row(divergence, space, weighting):
+    """A NaN / +inf logit in one expert (uniform: α > 0; the given weights below give it α = 0, still NaN)."""
+    k, n, v = 3, 4, 53
+    student, experts = _logits(n, v, dtype=torch.float32), _logits(k, n, v, dtype=torch.float32)
+    _nonfinite_rows(experts[1])
+    weights = _weights("K", k, n) if weighting == "uniform" else None  # expert 1 weighted 0
+    labels = torch.tensor([3, 4, 6, IGNORE])
+    spec = make_spec(divergence=divergence, temperature=1.5, hard_weight=0.3, **LOSS)
+    row_loss, _, _, grad_s, grad_e = _fused_kd_rows(student, experts, labels, None, spec, weighting, space, 0.7,
+                                                    weights, (True, True))
+    s64, z64 = _as64(student, True), _as64(experts, True)
+    ref = fused_experts_kd_loss_reference(s64, z64, weighting=weighting, space=space, weights=_as64(weights),
+                                          sharpness=0.7, divergence=divergence, temperature=1.5, hard_weight=0.3,
+                                          labels=labels, reduction="none", **LOSS)
+    (ref.sum() * GRAD_SCALE).backward()
+    _check_nonfinite(row_loss, (grad_s, grad_e.transpose(0, 1)), ref, (s64.grad, z64.grad.transpose(0, 1)))
+    log_probs, _, _ = _cuda.fuse_experts_cuda(experts, 1.5, weighting, space, 0.7, weights)
+    assert torch.isnan(log_probs).all(-1).tolist() == [False, True, True, True]
+
+
 def test_kd_loss_fp16_grad_scaler_exact():
     """fp16, batchmean over 16384 rows and a 65536 loss scale: dL/d(row_loss) = 4 enters the fp32
     gradient before its one rounding, so it matches float64 to fp16 accuracy."""

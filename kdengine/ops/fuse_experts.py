@@ -51,7 +51,7 @@ from kdengine.ops.kd_loss import (
     make_spec,
 )
 from kdengine.reference.fuse_experts import SPACES, WEIGHTINGS, fuse_experts_reference, fused_log_probs
-from kdengine.reference.kd_loss import kd_loss_rows
+from kdengine.reference.kd_loss import kd_loss_rows, zero_ignored_rows
 
 # The fused kernels keep the K experts' statistics of a row on chip.
 MAX_KERNEL_EXPERTS = 16
@@ -170,6 +170,11 @@ def _rows(x, sl):
     return None if x is None else x[sl]
 
 
+def _valid_rows(labels, sl, spec):
+    """The rows of ``sl`` that count (labels != ignore_index), or None without labels."""
+    return None if labels is None else labels[sl] != spec.ignore_index
+
+
 def _weights_rows(weights, sl):
     """Rows ``sl`` of normalised weights ([K] weights apply to every row)."""
     if weights is None or weights.dim() == 1:
@@ -278,10 +283,11 @@ class FusedExpertsKDLossTorchFunction(torch.autograd.Function):
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             log_probs, alpha[sl], _ = fuse_experts_reference(
-                experts[:, sl].to(compute), weighting=weighting, space=space, temperature=spec.temperature,
+                zero_ignored_rows(experts[:, sl].to(compute), _valid_rows(labels, sl, spec)), weighting=weighting, space=space, temperature=spec.temperature,
                 sharpness=sharpness, weights=_weights_rows(weights, sl))
             row_loss[sl] = kd_loss_rows(student[sl].to(compute), spec.temperature * log_probs,
-                                        _rows(labels, sl), _rows(row_weights, sl), **spec.rows_kwargs())
+                                        _rows(labels, sl), _rows(row_weights, sl), experts=experts[:, sl],
+                                        **spec.rows_kwargs())
         ctx.spec, ctx.reduction, ctx.space = spec, reduction, space
         ctx.save_for_backward(student, experts, labels, row_weights, grad_scale, alpha)
         return row_loss if reduction == "none" else row_loss.sum() * grad_scale
@@ -301,8 +307,9 @@ class FusedExpertsKDLossTorchFunction(torch.autograd.Function):
             s = student[sl].detach().to(compute).requires_grad_(need_s)
             z = experts[:, sl].detach().to(compute).requires_grad_(need_e)
             with torch.enable_grad():
-                teacher = t * fused_log_probs(z, alpha[sl], temperature=t, space=ctx.space)
-                rows = kd_loss_rows(s, teacher, _rows(labels, sl), _rows(row_weights, sl),
+                kept = zero_ignored_rows(z, _valid_rows(labels, sl, ctx.spec))
+                teacher = t * fused_log_probs(kept, alpha[sl], temperature=t, space=ctx.space)
+                rows = kd_loss_rows(s, teacher, _rows(labels, sl), _rows(row_weights, sl), experts=z,
                                     **ctx.spec.rows_kwargs())
                 if ctx.reduction == "none":
                     weight = grad_output[sl]

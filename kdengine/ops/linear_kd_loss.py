@@ -87,6 +87,10 @@ class _Head:
                             if need_hidden else None)
         self.grad_weight = (torch.zeros(weight.shape, dtype=compute, device=weight.device)
                             if need_weight else None)
+        # On the fp32-output path (half CUDA heads) the logit gradient enters dh and dW in the hidden
+        # states' dtype, as in an unfused model: the kernel writes it in that dtype directly (no fp32
+        # [C, V] gradient, no conversion pass).
+        self.grad_dtype = hidden.dtype if self.fp32_out else None
 
     @property
     def needs_grad(self) -> bool:
@@ -120,18 +124,19 @@ class _Head:
         return self.grad_hidden, weight
 
 
-def _torch_rows(student, teacher, labels, row_weights, grad_scale, spec, need_s, need_t):
-    """The rows primitive on the reference math: row losses, then autograd, over sub-chunks of
-    kd_loss's torch-backend size (the reference keeps ~a dozen [rows, V] temporaries alive)."""
+def _torch_rows(student, teacher, labels, row_weights, grad_scale, spec, need_s, need_t, grad_dtypes=(None, None)):
+    """The rows primitive (:func:`kdengine.ops.kd_loss.rows_primitive`) on the reference math: row
+    losses, then autograd, over sub-chunks of kd_loss's torch-backend size (the reference keeps ~a
+    dozen [rows, V] temporaries alive); the teacher is converted to the student's dtype per sub-chunk."""
     n, v = student.shape
     row_loss = torch.empty(n, dtype=student.dtype, device=student.device)
-    grad_s = torch.empty_like(student) if need_s else None
-    grad_t = torch.empty_like(teacher) if need_t else None
+    grad_s = torch.empty_like(student, dtype=grad_dtypes[0] or student.dtype) if need_s else None
+    grad_t = torch.empty_like(teacher, dtype=grad_dtypes[1] or teacher.dtype) if need_t else None
     step = _kd_chunk_rows(v)
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
         s = student[sl].detach().requires_grad_(need_s)
-        t = teacher[sl].detach().requires_grad_(need_t)
+        t = teacher[sl].detach().to(student.dtype).requires_grad_(need_t)
         with torch.enable_grad():
             rows = kd_loss_rows(s, t, None if labels is None else labels[sl],
                                 None if row_weights is None else row_weights[sl], **spec.rows_kwargs())
@@ -164,10 +169,10 @@ def _chunked(primitive, chunk, spec, student, teacher, teacher_logits, labels, r
     for start in range(0, n, chunk):
         rows = slice(start, min(n, start + chunk))
         z_s = student.logits(rows)
-        z_t = teacher.logits(rows) if teacher is not None else teacher_logits[rows].to(compute)
+        z_t = teacher.logits(rows) if teacher is not None else teacher_logits[rows]  # as given: no fp32 copy
         loss, g_s, g_t = primitive(z_s, z_t, None if labels is None else labels[rows],
                                    None if row_weights is None else row_weights[rows], grad_scale, spec,
-                                   need_s, need_t)
+                                   need_s, need_t, (student.grad_dtype, None if teacher is None else teacher.grad_dtype))
         row_loss[rows] = loss
         del z_s, z_t
         if need_s:

@@ -22,7 +22,8 @@ Fused teacher log-probabilities:
 logits whose temperature softmax gives back the fused distribution.
 
 Columns masked with −inf (the same columns in every expert) stay −inf and give no NaN in values
-or gradients. Memory: several [K, N, V] temporaries; this is the oracle, not the fast path.
+or gradients. A NaN or +inf logit in any expert of a row makes that row's fused log-probs (and so
+its loss and gradients) NaN. Memory: several [K, N, V] temporaries; this is the oracle, not the fast path.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import math
 
 import torch
 
-from kdengine.reference.kd_loss import kd_loss_reference
+from kdengine.constants import IGNORE_INDEX
+from kdengine.reference.kd_loss import kd_loss_reference, nonfinite_poison, zero_ignored_rows
 
 WEIGHTINGS = ("uniform", "entropy", "confidence")
 SPACES = ("logit", "prob")
@@ -92,7 +94,9 @@ def fuse_experts_reference(expert_logits: torch.Tensor, *, weighting: str = "ent
     log_p = torch.log_softmax(expert_logits / temperature, dim=-1)
     entropy = expert_entropy(log_p.detach())
     alpha = mixture_weights(log_p, entropy, weighting=weighting, sharpness=sharpness, weights=weights)
-    return fused_log_probs(expert_logits, alpha, temperature=temperature, space=space), alpha, entropy
+    # A NaN or +inf logit in any expert of a row (α_k = 0 included) makes its log-probs NaN.
+    poison = nonfinite_poison(expert_logits).detach().unsqueeze(-1)
+    return fused_log_probs(expert_logits, alpha, temperature=temperature, space=space) + poison, alpha, entropy
 
 
 def fused_experts_kd_loss_reference(student_logits: torch.Tensor, expert_logits: torch.Tensor, *,
@@ -100,6 +104,11 @@ def fused_experts_kd_loss_reference(student_logits: torch.Tensor, expert_logits:
                                     temperature: float = 1.0, sharpness: float = 1.0,
                                     weights: torch.Tensor | None = None, **kd_options):
     """``kd_loss_reference(student, T · fused_log_probs, temperature=T, **kd_options)``, unfused."""
-    log_probs, _, _ = fuse_experts_reference(expert_logits, weighting=weighting, space=space,
-                                             temperature=temperature, sharpness=sharpness, weights=weights)
-    return kd_loss_reference(student_logits, temperature * log_probs, temperature=temperature, **kd_options)
+    labels = kd_options.get("labels")
+    valid = None if labels is None else labels != kd_options.get("ignore_index", IGNORE_INDEX)
+    # Ignored rows: zeros (no NaN from a broken expert flows back into a row that counts for nothing).
+    log_probs, _, _ = fuse_experts_reference(zero_ignored_rows(expert_logits, valid), weighting=weighting,
+                                             space=space, temperature=temperature, sharpness=sharpness,
+                                             weights=weights)
+    return kd_loss_reference(student_logits, temperature * log_probs, temperature=temperature, experts=expert_logits,
+                             **kd_options)

@@ -7,14 +7,16 @@ Per row, with p = softmax(teacher / T) and q = softmax(student / T):
     jsd         β KL(p‖m) + (1−β) KL(q‖m),  m = β p + (1−β) q   (β=0: forward_kl, β=1: reverse_kl,
                 exactly as TRL's generalized_jsd_loss)
     mse         mean over V of (student − teacher)² on raw logits (T and t2_scale ignored);
-                columns where either logit is ±inf contribute 0
+                columns where either logit is −inf contribute 0
 
     row loss = row_weight · [kd_weight · (T² if t2_scale) · D + hard_weight · CE(student at T=1, label)]
 
 Rows whose label equals ``ignore_index`` contribute 0. With ``hard_weight != 0`` a label outside
 [0, V) that is not ``ignore_index`` makes that row's loss and student gradient NaN. Terms weighted
 by a zero probability (−inf logits: a masked or padded vocabulary) contribute 0 (0·log 0 = 0),
-with finite gradients.
+with finite gradients. Only −inf means masked: a NaN or +inf logit anywhere in a row (student or
+teacher) makes that row's loss and all its gradients NaN, so a broken teacher is never hidden as
+a masked column (rows whose label is ``ignore_index`` still contribute exactly 0).
 Memory: several [N, V] temporaries; this is the oracle, not the fast path.
 """
 
@@ -143,15 +145,22 @@ def divergence_rows(student: torch.Tensor, teacher: torch.Tensor, *, divergence:
 def kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
                  row_weights: torch.Tensor | None = None, *, divergence: str = "forward_kl",
                  temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
-                 ignore_index: int = IGNORE_INDEX, kd_weight: float = 1.0, hard_weight: float = 0.0) -> torch.Tensor:
-    """Row losses [N] (before reduction) in the dtype of the inputs; differentiable by autograd."""
+                 ignore_index: int = IGNORE_INDEX, kd_weight: float = 1.0, hard_weight: float = 0.0,
+                 experts: torch.Tensor | None = None) -> torch.Tensor:
+    """Row losses [N] (before reduction) in the dtype of the inputs; differentiable by autograd.
+
+    ``experts``: the [K, N, V] logits a fused teacher was made of; a NaN or +inf in them makes the
+    row NaN too (as one in the student or teacher does), also where α_k = 0 dropped the expert.
+    """
+    valid = None if labels is None else labels != ignore_index
+    poison = nonfinite_poison(student, teacher, *(() if experts is None else (experts,)), rows=valid)
+    student, teacher = zero_ignored_rows(student, valid), zero_ignored_rows(teacher, valid)
     d = divergence_rows(student, teacher, divergence=divergence, temperature=temperature, jsd_beta=jsd_beta)
     scale = kd_weight
     if t2_scale and effective_divergence(divergence, jsd_beta) != "mse":
         scale = kd_weight * temperature * temperature
     loss = scale * d
     if labels is not None:
-        valid = labels != ignore_index
         if hard_weight != 0.0:
             log_q1 = torch.log_softmax(student, dim=-1)
             in_range = (labels >= 0) & (labels < student.shape[-1])
@@ -162,9 +171,53 @@ def kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
             ce = ce * torch.where(in_range | ~valid, 1.0, math.nan).to(ce.dtype)
             loss = loss + hard_weight * ce
         loss = torch.where(valid, loss, torch.zeros_like(loss))
+    loss = loss + poison
     if row_weights is not None:
         loss = loss * row_weights.to(loss.dtype)
     return loss
+
+
+def nonfinite_poison(*logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] term per row: NaN where any of the [..., N, V] ``logits`` holds a NaN or +inf, else 0.
+
+    Added to a row loss it makes the loss and the gradient of every logit of the row NaN, whatever
+    the column masks hid (``x > −inf`` is False for NaN, so a NaN column would otherwise read as
+    masked); other rows get exactly 0 and no gradient. ``rows`` (bool [N]) limits it to those rows
+    (ignored rows stay exactly 0). Leading dimensions (the experts of a [K, N, V] tensor) are
+    folded in.
+    """
+    bad = None  # [N, 1]: the row holds a NaN or +inf in any input
+    for x in logits:
+        row_bad = (torch.isnan(x) | (x == math.inf)).any(-1, keepdim=True)
+        while row_bad.dim() > 2:
+            row_bad = row_bad.any(0)
+        bad = row_bad if bad is None else bad | row_bad
+    if rows is not None:
+        bad = bad & rows.unsqueeze(-1)
+    if not bool(bad.any()):  # the common case: nothing to add (a host sync, as _all_finite)
+        return torch.zeros(bad.shape[0], dtype=logits[0].dtype, device=bad.device)
+    total = 0.0
+    for x in logits:
+        # Both factors are zero on good rows, value and gradient (x · NaN in a where would send
+        # NaN · 0 = NaN back to them).
+        nan = torch.where(bad, math.nan, 0.0).to(x.dtype)
+        term = (torch.where(bad, x, torch.zeros_like(x)) * nan).sum(-1)
+        while term.dim() > 1:
+            term = term.sum(0)
+        total = total + term
+    return total
+
+
+def zero_ignored_rows(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """[..., N, V] logits with the rows where ``valid`` [N] is False replaced by zeros (gradient 0).
+
+    An ignored row contributes exactly 0 and no gradient whatever it holds: masking its loss alone
+    would send 0 · NaN = NaN back through the math of a NaN row. Nothing to do (no copy) when every
+    row is valid, the common case (a host sync, as :func:`_all_finite`).
+    """
+    if valid is None or bool(valid.all()):
+        return logits
+    return torch.where(valid.unsqueeze(-1), logits, torch.zeros_like(logits))
 
 
 def reduce_rows(row_loss: torch.Tensor, *, reduction: str, n_valid, vocab_size: int, normalizer=None):
@@ -188,11 +241,13 @@ def kd_loss_reference(student: torch.Tensor, teacher: torch.Tensor, *, divergenc
                       temperature: float = 1.0, t2_scale: bool = True, jsd_beta: float = 0.5,
                       labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, kd_weight: float = 1.0,
                       hard_weight: float = 0.0, row_weights: torch.Tensor | None = None,
-                      reduction: str = "batchmean", normalizer=None) -> torch.Tensor:
-    """Unfused, unchunked ``kd_loss`` with the same options: the oracle for every backend."""
+                      reduction: str = "batchmean", normalizer=None, experts: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Unfused, unchunked ``kd_loss`` with the same options: the oracle for every backend
+    (``experts``: as :func:`kd_loss_rows`)."""
     rows = kd_loss_rows(student, teacher, labels, row_weights, divergence=divergence, temperature=temperature,
                         t2_scale=t2_scale, jsd_beta=jsd_beta, ignore_index=ignore_index,
-                        kd_weight=kd_weight, hard_weight=hard_weight)
+                        kd_weight=kd_weight, hard_weight=hard_weight, experts=experts)
     n_valid = student.shape[0] if labels is None else (labels != ignore_index).sum()
     return reduce_rows(rows, reduction=reduction, n_valid=n_valid, vocab_size=student.shape[-1],
                        normalizer=normalizer)

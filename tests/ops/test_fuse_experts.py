@@ -21,6 +21,7 @@ from kdengine.ops import _backends
 from kdengine.ops.fuse_experts import fuse_experts, fused_experts_kd_loss
 from kdengine.ops.kd_loss import kd_loss
 from kdengine.reference.fuse_experts import fuse_experts_reference, fused_experts_kd_loss_reference
+from kdengine.reference.kd_loss import DIVERGENCES
 from tests.conftest import device_for, require_backend
 from tests.ops.triton_compile import check_compiles
 from tests.tolerances import assert_close
@@ -283,6 +284,65 @@ def test_out_of_range_label_gives_nan_row(backend):
     loss.backward(torch.ones(3, device=device))
     grad = s.grad.cpu()
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all() and torch.equal(grad[2], torch.zeros(29))
+
+
+def _broken_rows(v: int, dtype, device):
+    """Experts [3, 5, V] and student [5, V] (−inf masked columns in all) with row 1: NaN in expert 1,
+    row 2: +inf in expert 0, row 3: NaN in the student, row 4 (ignored by its label): NaN in expert 2."""
+    experts, student = make_logits(3, 5, v, dtype, masked=True, seed=5, device=device)
+    experts[1, 1, 4] = math.nan
+    experts[0, 2, v - 3] = math.inf
+    student[3, 6] = math.nan
+    experts[2, 4, 8] = math.nan
+    return experts, student, torch.tensor([2, 3, 5, 7, IGNORE], device=device)
+
+
+FUSIONS = {"uniform": {"weighting": "uniform"}, "entropy": {"weighting": "entropy", "sharpness": 0.7},
+           "zero_weight": {"weights": torch.tensor([0.5, 0.0, 0.5])}}  # row 1's NaN expert has α = 0
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("space", ["logit", "prob"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_nonfinite_logit_gives_nan_row(backend, divergence, space, fusion):
+    """Only −inf means masked: a NaN or +inf logit in any expert (α_k = 0 included) or in the student
+    makes the row's loss, student gradient and every expert's gradient NaN on every backend; the
+    clean row matches float64 and the ignored row stays exactly 0."""
+    device = device_for(backend)
+    v = 61
+    experts, student, labels = _broken_rows(v, FP32, device)
+    options = {"divergence": divergence, "space": space, "temperature": 1.5, "labels": labels, "hard_weight": 0.3,
+               **{k: (w.to(device) if isinstance(w, torch.Tensor) else w) for k, w in FUSIONS[fusion].items()}}
+    s, z = student.clone().requires_grad_(), experts.clone().requires_grad_()
+    loss = fused_experts_kd_loss(s, z, reduction="none", backend=backend, **options)
+    grad_output = torch.rand(5) + 0.5
+    loss.backward(grad_output.to(device))
+    s64, z64 = student.double().cpu().requires_grad_(), experts.double().cpu().requires_grad_()
+    ref_options = {**options, "labels": labels.cpu()}
+    if "weights" in options:
+        ref_options["weights"] = options["weights"].double().cpu()
+    want = fused_experts_kd_loss_reference(s64, z64, reduction="none", **ref_options)
+    want.backward(grad_output.double())
+    rows = loss.detach().cpu()
+    assert torch.isnan(rows[1:4]).all() and rows[4] == 0, rows
+    assert_close(rows[:1], want[:1], FP32, "clean row")
+    for name, grad, grad64 in (("student", s.grad.cpu(), s64.grad), ("experts", z.grad.cpu().transpose(0, 1),
+                                                                      z64.grad.transpose(0, 1))):
+        assert torch.isnan(grad[1:4]).all(), f"{name} gradient of a broken row is not all NaN"
+        assert torch.equal(grad[4], torch.zeros_like(grad[4])), f"{name} gradient of the ignored row"
+        assert_close(grad[:1], grad64[:1], FP32, f"{name} gradient of the clean row")
+    assert torch.isnan(fused_experts_kd_loss(student, experts, backend=backend, **options))
+
+
+@pytest.mark.parametrize("space", ["logit", "prob"])
+def test_fuse_experts_nonfinite_logit_gives_nan_row(backend, space):
+    """fuse_experts: a NaN or +inf logit in any expert makes that row's fused log-probs NaN."""
+    device = device_for(backend)
+    experts, _, _ = _broken_rows(61, FP32, device)
+    log_probs, _, _ = fuse_experts(experts, space=space, weights=FUSIONS["zero_weight"]["weights"].to(device),
+                                   backend=backend)
+    rows = torch.isnan(log_probs.cpu()).all(-1)
+    assert rows.tolist() == [False, True, True, False, True]
 
 
 def test_triton_backward_recomputes():

@@ -10,6 +10,7 @@ tests/tolerances.py.
 from __future__ import annotations
 
 import itertools
+import math
 import textwrap
 
 import pytest
@@ -329,6 +330,50 @@ def test_out_of_range_label_gives_nan_row(backend, divergence):
     assert torch.isfinite(grad[0]).all() and torch.equal(grad[2], torch.zeros(v))
     reduced = kd_loss(student, teacher, divergence=divergence, labels=labels, hard_weight=0.5, backend=backend)
     assert torch.isnan(reduced)
+
+
+def nonfinite_rows_case(n_rows: int, v: int, dtype, side: str, device):
+    """Logits [n_rows, v] (student and teacher, −inf masked columns in every row) whose row 1 holds a
+    NaN and row 2 a +inf on ``side``; the last row, also with a NaN, is ignored by its label."""
+    student, teacher = (make_logits(n_rows, v, dtype, "contiguous", True, device) for _ in range(2))
+    bad = student if side == "student" else teacher
+    bad[1, 7] = math.nan
+    bad[2, v - 3] = math.inf
+    bad[n_rows - 1, 11] = math.nan
+    labels = torch.tensor([3, 5, 9] + [-100] * (n_rows - 3), device=device)
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_nonfinite_logit_gives_nan_row(backend, divergence, side, dtype):
+    """Only −inf means a masked column: a NaN or +inf logit in the student or the teacher makes its
+    row's loss and both its gradient rows NaN on every backend (the `> −inf` masks alone read NaN
+    as masked: loss 0, gradient 0), so a reduced loss is NaN; the clean row matches float64 and an
+    ignored row stays exactly 0."""
+    if dtype == torch.float64 and backend != "torch":
+        pytest.skip("float64 runs on the torch backend only")
+    device = device_for(backend)
+    v = 1009
+    student, teacher, labels = nonfinite_rows_case(4, v, dtype, side, device)
+    options = {"divergence": divergence, "temperature": 1.5, "labels": labels, "hard_weight": 0.4}
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    loss = kd_loss(s, t, reduction="none", backend=backend, **options)
+    grad_output = torch.rand(4) + 0.5
+    loss.backward(grad_output.to(device))
+    s64, t64 = student.double().requires_grad_(), teacher.double().requires_grad_()
+    want = kd_loss_reference(s64, t64, reduction="none", **options)
+    want.backward(grad_output.double())
+    rows = loss.detach().cpu()
+    assert torch.isnan(rows[1:3]).all() and rows[3] == 0, rows
+    assert_close(rows[:1], want[:1], torch.float32, msg="clean row")
+    for name, x, x64 in (("student", s, s64), ("teacher", t, t64)):
+        grad = x.grad.cpu()
+        assert torch.isnan(grad[1:3]).all(), f"{name} gradient of a broken row is not all NaN"
+        assert torch.equal(grad[3], torch.zeros(v, dtype=dtype)), f"{name} gradient of the ignored row"
+        assert_close(grad[:1], x64.grad[:1], dtype, msg=f"{name} gradient of the clean row")
+    assert torch.isnan(kd_loss(student, teacher, backend=backend, **options))
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kdengine.ops import BackendUnavailable
+from kdengine.ops.kd_loss import make_spec, rows_primitive
 from kdengine.ops.linear_kd_loss import default_chunk_rows, linear_kd_loss
 from kdengine.reference.kd_loss import kd_loss_reference
 from tests.conftest import device_for
@@ -130,6 +131,55 @@ def run_case(backend: str, c: dict) -> None:
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(backend, case):
     run_case(backend, case)
+
+
+@pytest.mark.parametrize("source", ["teacher_logits", "teacher_hidden"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nonfinite_teacher_gives_nan_row(backend, dtype, source):
+    """A NaN (row 1) or +inf (row 2) in the teacher's logits or hidden states: those rows' losses and
+    student gradients are NaN (never a finite loss from a broken teacher); the others stay finite."""
+    device = device_for(backend)
+    n, h, v = 4, 8, 131
+    hidden = make((n, h), dtype, "contiguous", device).requires_grad_()
+    weight = make((v, h), dtype, "contiguous", device, 3.0 / h ** 0.5)
+    if source == "teacher_logits":
+        teacher = dict(teacher_logits=make((n, v), dtype, "contiguous", device, 3.0))
+        teacher["teacher_logits"][1, 5], teacher["teacher_logits"][2, 9] = float("nan"), float("inf")
+    else:
+        teacher = dict(teacher_hidden=make((n, h), dtype, "contiguous", device),
+                       teacher_weight=make((v, h), dtype, "contiguous", device, 3.0 / h ** 0.5))
+        teacher["teacher_hidden"][1, 2], teacher["teacher_hidden"][2, 3] = float("nan"), float("inf")
+    loss = linear_kd_loss(hidden, weight, reduction="none", chunk_size=3, backend=backend, **teacher)
+    rows = loss.detach().cpu()
+    assert torch.isnan(rows[1:3]).all() and torch.isfinite(rows[[0, 3]]).all(), rows
+    loss.sum().backward()
+    grad = hidden.grad.cpu()
+    assert torch.isnan(grad[1:3]).all() and torch.isfinite(grad[[0, 3]]).all()
+    reduced = linear_kd_loss(hidden, weight, backend=backend, **teacher)
+    assert torch.isnan(reduced)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "tvd"])
+def test_rows_primitive_mixed_dtypes(backend, divergence):
+    """The rows primitive of each chunk takes fp32 student logits against bf16 teacher logits as given
+    (no fp32 copy of the teacher) and writes bf16 gradients directly when asked (grad_dtypes)."""
+    device = device_for(backend)
+    n, v = 3, 257
+    student = (torch.randn(n, v) * 3).to(device)
+    teacher = (torch.randn(n, v) * 3).to(torch.bfloat16).to(device)
+    spec = make_spec(divergence=divergence, temperature=2.0, t2_scale=True, jsd_beta=0.5, ignore_index=-100,
+                     kd_weight=1.0, hard_weight=0.0)
+    primitive = linear_module._torch_rows if backend == "torch" else rows_primitive(backend)
+    scale = torch.tensor(0.7, device=device)
+    row_loss, grad_s, grad_t = primitive(student, teacher, None, None, scale, spec, True, True,
+                                         (torch.bfloat16, None))
+    s64, t64 = student.double().cpu().requires_grad_(), teacher.double().cpu().requires_grad_()
+    want = kd_loss_reference(s64, t64, divergence=divergence, temperature=2.0, reduction="none")
+    (want.sum() * 0.7).backward()
+    assert_close(row_loss.cpu(), want, torch.float32, msg="row_loss")
+    assert grad_s.dtype == torch.bfloat16 and grad_t.dtype == torch.bfloat16
+    assert_close(grad_s.cpu(), s64.grad, torch.bfloat16, msg="bf16 grad of fp32 student logits")
+    assert_close(grad_t.cpu(), t64.grad, torch.bfloat16, msg="grad of bf16 teacher logits")
 
 
 def test_float64_gradcheck_reduction_none():
