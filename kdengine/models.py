@@ -14,6 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from kdengine.data.readers import canonical_label
+
 AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification,
                 "token_classification": AutoModelForTokenClassification,
                 "causal_lm": AutoModelForCausalLM}
@@ -22,6 +24,9 @@ AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification,
 def resolve(name_or_path: str, what: str) -> str:
     """``name_or_path`` if it is a local directory or a reachable/cached hub model (ValueError otherwise)."""
     if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ValueError(f"{what} {name_or_path!r} is a directory without config.json; pass a model directory "
+                             "(config.json + weights, as save_pretrained writes)")
         return name_or_path
     if os.path.exists(name_or_path):
         raise ValueError(f"{what} {name_or_path!r} is a file; pass a model directory (config.json + weights)")
@@ -49,12 +54,18 @@ def load_for_task(name_or_path: str, task: str, label_names: list[str], *, what:
     if task == "causal_lm":                       # the LM head is the task head
         return AUTO_CLASSES[task].from_pretrained(path), True
     config = AutoConfig.from_pretrained(path)
-    saved = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
-    same_labels = saved == dict(enumerate(label_names))
+    same_labels = saved_labels(config) == [canonical_label(name) for name in label_names]
     model, info = AUTO_CLASSES[task].from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
                                                      **label_maps(label_names))
     head_missing = bool(info.get("missing_keys")) or bool(info.get("mismatched_keys"))
     return model, same_labels and not head_missing
+
+
+def saved_labels(config) -> list[str]:
+    """The label names of a model config's head in id order, compared by value
+    (:func:`kdengine.data.readers.canonical_label`: "1.0" is "1")."""
+    id2label = getattr(config, "id2label", None) or {}
+    return [canonical_label(v) for _, v in sorted((int(k), v) for k, v in id2label.items())]
 
 
 def check_teacher_labels(sources: list[str]) -> None:
@@ -62,8 +73,7 @@ def check_teacher_labels(sources: list[str]) -> None:
     a config with transformers' default names (LABEL_0, ...) carries no label set."""
     seen = None
     for source in sources:
-        config = AutoConfig.from_pretrained(resolve(source, "teacher_model_name_or_path"))
-        labels = [str(v) for _, v in sorted((int(k), v) for k, v in (getattr(config, "id2label", None) or {}).items())]
+        labels = saved_labels(AutoConfig.from_pretrained(resolve(source, "teacher_model_name_or_path")))
         if not labels or labels == [f"LABEL_{i}" for i in range(len(labels))]:
             continue
         if seen is not None and labels != seen[1]:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 CLASSIFICATION_EXTENSIONS = (".tsv", ".csv", ".jsonl")
-_INT_LABEL = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _IOB2_TAG = re.compile(r"O|[BI]-\S+")
 
 
@@ -39,18 +41,49 @@ class RawSplit:
 
 
 def _check_file(path: str) -> None:
+    """An existing UTF-8 text file (ValueError naming it and, for bad bytes, where they are)."""
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path!r} is a directory; expected a file")
     if not os.path.isfile(path):
         raise ValueError(f"data file not found: {path!r}")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte "
+                         f"0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8") from None
+
+
+def canonical_label(value) -> str:
+    """A label as text, numbers in one spelling so that labels compare by value: "1", "1.0", "01",
+    "1e0" and the JSON numbers 1 and 1.0 are all "1"; "0.50" is "0.5". Other text is stripped."""
+    text = repr(value) if isinstance(value, float) else str(value).strip()
+    if not _NUMBER.fullmatch(text):
+        return text
+    number = Decimal(text)
+    return str(int(number)) if number == number.to_integral_value() else format(number.normalize(), "f")
 
 
 def _raw_label(value, where: str) -> str:
-    """Labels are kept as strings: ints become their decimal form ("1"), strings are stripped."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"{where}: a label must be a string or an integer, got {value!r}")
-    text = str(value).strip()
+    """Labels are kept as strings (:func:`canonical_label`): numbers compare by value, text is stripped."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) \
+            or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise ValueError(f"{where}: a label must be a string or an integer (1.0 counts as 1), got {value!r}")
+    text = canonical_label(value)
     if not text:
         raise ValueError(f"{where}: empty label")
     return text
+
+
+def _text(value, column: str, where: str) -> str:
+    """A text column's value: a non-empty string."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: column {column!r} must be a string, got {value!r}")
+    if not value.strip():
+        raise ValueError(f"{where}: column {column!r} is empty; every example needs a text")
+    return value
 
 
 def _pick_columns(
@@ -169,12 +202,8 @@ def read_classification_file(
                     f"{'missing' if present else 'present'} on earlier lines; label every example or none"
                 )
             has_label, checked_columns = present, columns
-        texts = []
-        for column in (text_column, text_pair_column):
-            value = values[column] if column is not None else None
-            if column is not None and not isinstance(value, str):
-                raise ValueError(f"{loc}: column {column!r} must be a string, got {value!r}")
-            texts.append(value)
+        texts = [None if column is None else _text(values[column], column, loc)
+                 for column in (text_column, text_pair_column)]
         label = _raw_label(values[label_column], loc) if has_label else None
         examples.append({"text": texts[0], "text_pair": texts[1], "label": label, "domain": None})
         where.append(loc)
@@ -369,8 +398,9 @@ def load_hub_splits(
                     raise ValueError(f"{source}[{i}]: missing label (only the test split may be unlabeled)")
                 examples.append(
                     {
-                        "text": row[text_column],
-                        "text_pair": row[text_pair_column] if text_pair_column else None,
+                        "text": _text(row[text_column], text_column, f"{source}[{i}]"),
+                        "text_pair": _text(row[text_pair_column], text_pair_column, f"{source}[{i}]")
+                        if text_pair_column else None,
                         "label": label,
                         "domain": None,
                     }
@@ -389,8 +419,9 @@ def load_hub_splits(
 def label_set(train: RawSplit, task: str) -> list[str]:
     """The label names: the source's own order if it has one, else the TRAINING labels sorted.
 
-    Integer-like labels ("0", "1", "10") sort by value, so ids equal the values when they are
-    0..K-1; other labels sort as strings. Stable for a given training file.
+    Numeric labels ("0", "1", "10", "0.5"; one spelling each, :func:`canonical_label`) sort by
+    value, so ids equal the values when they are 0..K-1; other labels sort as strings. Stable for
+    a given training file.
     """
     if train.label_names is not None:
         return list(train.label_names)
@@ -401,8 +432,8 @@ def label_set(train: RawSplit, task: str) -> list[str]:
     seen.discard(None)
     if not seen:
         raise ValueError(f"{train.source}: the training split has no labels")
-    if all(_INT_LABEL.fullmatch(s) for s in seen):
-        return sorted(seen, key=int)
+    if all(_NUMBER.fullmatch(s) for s in seen):
+        return sorted(seen, key=Decimal)
     return sorted(seen)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from kdengine.config import RUN_CONTROL_KEYS, ConfigError, TrainConfig, load_yaml, parse_args, to_yaml
 
 BASELINES = ("no_kd", "vanilla_kd")
+TINY_MODELS = "tiny_models"
 
 
 @dataclass
@@ -64,18 +65,43 @@ def describe_backends(requested: str) -> str:
     return f"kernel_backend={requested}: {chosen}" + (f" ({skipped})" if skipped else "")
 
 
-def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
-    """Refuse an output_dir that holds a different run, or an unfinished one when not resuming."""
+def check_output_path(output_dir: str) -> None:
+    """output_dir must be a directory this process can write, or a path where one can be created."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is a file; expected a directory (existing or to be created)")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"output_dir {output_dir!r} is under the file {existing!r}; expected a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {output_dir!r} cannot be written: {existing!r} is not writable by this user; "
+                         f"pass another --output_dir")
+
+
+def check_precision(cfg: TrainConfig) -> None:
+    """fp16 and bf16 only where they run: fp16 needs a CUDA device (accelerate would silently train
+    in fp32 without one), bf16 a CUDA device that supports it or the CPU (CPU autocast)."""
+    import torch  # noqa: PLC0415
+
+    if cfg.fp16 and not torch.cuda.is_available():
+        raise ValueError("fp16 needs a CUDA device and none is available here; use --bf16 true (CPU autocast) or "
+                         "drop --fp16 (fp32)")
+    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bf16 is not supported by {torch.cuda.get_device_name()}; use --fp16 true or drop --bf16")
+
+
+def check_output_dir(cfg: TrainConfig) -> bool:
+    """Refuse an output_dir that holds a different run, or an unfinished one when not resuming;
+    returns whether the run there is to be replaced (overwrite_output_dir; removed once validated)."""
     from kdengine.train import checkpoint  # noqa: PLC0415
     from kdengine.train.stages import unfinished_checkpoints  # noqa: PLC0415
 
     saved_path = os.path.join(cfg.output_dir, "config.yaml")
     if not os.path.isfile(saved_path):
-        return
+        return False
     if cfg.overwrite_output_dir:
-        if is_main:
-            shutil.rmtree(cfg.output_dir)
-        return
+        return True
     saved = load_yaml(saved_path)
     current = cfg.to_dict()
     diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
@@ -89,12 +115,52 @@ def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
                                                                 or unfinished_checkpoints(cfg.output_dir)):
         raise ValueError(f"output_dir {cfg.output_dir!r} holds checkpoints of an unfinished run; pass "
                          f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir true to restart")
+    return False
 
 
-def load_inputs(cfg: TrainConfig, state, log):
-    """(TaskInputs, teacher source, student source, needs_training) from the data options."""
-    from kdengine.data import load_task_data, make_collate_fn, tokenize_split  # noqa: PLC0415
+def check_model_limits(cfg: TrainConfig, sources: list[str], tokenizer) -> None:
+    """Every model reads the tokenized batch: max_seq_length within its positions, token ids within its
+    embeddings, and student_num_layers within the first teacher's layers (read from the configs)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    for index, (role, source) in enumerate(sources):
+        config = AutoConfig.from_pretrained(source)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if "roberta" in str(getattr(config, "model_type", "")) or getattr(config, "model_type", "") == "camembert":
+            positions -= (config.pad_token_id or 0) + 1          # positions start after the padding index
+        if positions is not None and cfg.max_seq_length > positions:
+            raise ValueError(f"max_seq_length={cfg.max_seq_length} exceeds the {positions} positions of {role} "
+                             f"{source!r}; pass --max_seq_length {positions} or less")
+        vocab = getattr(config, "vocab_size", None)
+        if vocab is not None and len(tokenizer) > vocab:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {role} {source!r} embeds only {vocab} "
+                             f"ids; use the model's own tokenizer (or resize its embeddings)")
+        layers = getattr(config, "num_hidden_layers", None)
+        if index == 0 and role == "teacher_model_name_or_path" and cfg.student_num_layers is not None \
+                and layers is not None and not 1 <= cfg.student_num_layers <= layers:
+            raise ValueError(f"student_num_layers must be in [1, {layers}] (the teacher {source!r} has {layers} "
+                             f"layers), got {cfg.student_num_layers}")
+
+
+@dataclass
+class RunPlan:
+    """What the validation of a run found; nothing of it is written yet."""
+
+    inputs: TaskInputs
+    teacher_srcs: list[str]
+    student_src: str | None
+    tiny: bool
+    resume: str | None
+    replace_output_dir: bool
+    tiny_build: str | None = None     # tiny models built in a temporary directory, moved into output_dir/tiny_models
+
+
+def load_inputs(cfg: TrainConfig, log, scratch: str) -> tuple[TaskInputs, list[str], str | None, bool, str | None]:
+    """(TaskInputs, teacher sources, student source, tiny, tiny_build) from the data options, writing
+    nothing into output_dir: missing tiny models are built in ``scratch`` (``tiny_build``) and the
+    sources name their final place, output_dir/tiny_models."""
     from kdengine import models  # noqa: PLC0415
+    from kdengine.data import load_task_data, make_collate_fn, tokenize_split  # noqa: PLC0415
 
     synthetic = not (cfg.train_file or cfg.dataset_name)
     data = load_task_data({**cfg.to_dict(), "synthetic": {"n_train": cfg.synthetic_num_train,
@@ -102,7 +168,8 @@ def load_inputs(cfg: TrainConfig, state, log):
                                                           "n_test": cfg.synthetic_num_test}})
     if data.validation is None:
         raise ValueError("the task has no validation split; pass --validation_file (it is used for evaluation)")
-    teacher_srcs, student_src, tiny = cfg.teacher_list(), cfg.model_name_or_path, False
+    teacher_srcs, student_src, tiny, tiny_build = cfg.teacher_list(), cfg.model_name_or_path, False, None
+    read = {}                                  # source -> where it is read now (tiny models: the temporary build)
     if not teacher_srcs and student_src is None:
         if not synthetic:
             raise ValueError("tiny models are built only for the synthetic task; pass --teacher_model_name_or_path "
@@ -110,12 +177,13 @@ def load_inputs(cfg: TrainConfig, state, log):
         from kdengine.data.synthetic import synthetic_vocab  # noqa: PLC0415
         from kdengine.tiny_models import build_tiny_models  # noqa: PLC0415
 
-        tiny_dir = os.path.join(cfg.output_dir, "tiny_models")
+        tiny_dir = os.path.join(cfg.output_dir, TINY_MODELS)
         teacher_srcs, student_src = [os.path.join(tiny_dir, "teacher")], os.path.join(tiny_dir, "student")
-        if state.is_main_process and not os.path.isfile(os.path.join(student_src, "config.json")):
-            build_tiny_models(tiny_dir, task=cfg.task, label_names=data.label_names, vocab=synthetic_vocab(),
+        if not os.path.isfile(os.path.join(student_src, "config.json")):
+            tiny_build = os.path.join(scratch, TINY_MODELS)
+            build_tiny_models(tiny_build, task=cfg.task, label_names=data.label_names, vocab=synthetic_vocab(),
                               seed=cfg.seed)
-        state.wait_for_everyone()
+            read = {teacher_srcs[0]: os.path.join(tiny_build, "teacher"), student_src: os.path.join(tiny_build, "student")}
         tiny = True
         if cfg.student_num_layers is not None:
             student_src = None
@@ -124,12 +192,17 @@ def load_inputs(cfg: TrainConfig, state, log):
     if student_src is not None and cfg.student_num_layers is not None:
         raise ValueError("pass either --model_name_or_path or --student_num_layers, not both")
     tokenizer_src = student_src or teacher_srcs[0]
-    tokenizer = models.load_tokenizer(tokenizer_src, "model_name_or_path" if student_src else "teacher")
+    tokenizer = models.load_tokenizer(read.get(tokenizer_src, tokenizer_src),
+                                      "model_name_or_path" if student_src else "teacher_model_name_or_path")
     for source in teacher_srcs:
         if source != tokenizer_src:
-            models.check_tokenizers(models.load_tokenizer(source, "teacher_model_name_or_path"), tokenizer)
+            models.check_tokenizers(models.load_tokenizer(read.get(source, source), "teacher_model_name_or_path"),
+                                    tokenizer)
     if len(teacher_srcs) > 1:
         models.check_teacher_labels(teacher_srcs)
+    check_model_limits(cfg, [("teacher_model_name_or_path", read.get(s, s)) for s in teacher_srcs]
+                       + ([("model_name_or_path", read.get(student_src, student_src))] if student_src else []),
+                       tokenizer)
     label_names = data.label_names
     domains = sorted({ex["domain"] for ex in data.train if ex.get("domain") is not None}) or None
     split = dict(tokenizer=tokenizer, task=cfg.task, max_seq_length=cfg.max_seq_length, domain_names=domains)
@@ -139,54 +212,112 @@ def load_inputs(cfg: TrainConfig, state, log):
                         collate_fn=make_collate_fn(tokenizer, cfg.task), domain_names=domains)
     log(f"[data] {'synthetic task' if synthetic else cfg.train_file or cfg.dataset_name}: "
         f"{len(inputs.train_dataset)} train / {len(inputs.eval_dataset)} validation examples, labels {label_names}")
-    return inputs, teacher_srcs, student_src, tiny
+    return inputs, teacher_srcs, student_src, tiny, tiny_build
+
+
+def student_dirs(cfg: TrainConfig) -> dict[str, str]:
+    """{method: the directory its student is trained in}: the baselines of compare_baselines, then the run's method."""
+    methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method]
+    return {**{m: os.path.join(cfg.output_dir, "baselines", m) for m in methods}, cfg.method: cfg.output_dir}
+
+
+def needs_teachers(methods, student_src: str | None) -> bool:
+    """Whether the run prepares its teachers: a method of ``methods`` uses them, or the student is
+    made from the first (student_num_layers)."""
+    from kdengine.methods import resolve_method  # noqa: PLC0415
+
+    return any(resolve_method(m).uses_teacher for m in methods) or student_src is None
+
+
+def check_stage_inputs(cfg: TrainConfig, plan: RunPlan) -> None:
+    """The outputs the requested ``stages`` read must exist when the stages that write them do not run."""
+    from kdengine.train.teacher import teacher_dir, teacher_name  # noqa: PLC0415
+
+    stages, methods = cfg.stage_list(), student_dirs(cfg)
+    needs_teacher = needs_teachers(methods, plan.student_src)
+    if needs_teacher and not plan.teacher_srcs:
+        raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher_model_name_or_path")
+    if needs_teacher and plan.tiny and "teacher" not in stages:
+        for index in range(len(plan.teacher_srcs)):
+            if not os.path.isdir(teacher_dir(cfg.output_dir, teacher_name(index))):
+                raise ValueError(f"the teacher stage has not run: {teacher_dir(cfg.output_dir, teacher_name(index))} "
+                                 "does not exist; run with --stages teacher (or all) first")
+    for run_dir in methods.values() if "evaluate" in stages and "student" not in stages else ():
+        if not os.path.isfile(os.path.join(run_dir, "train_results.json")):
+            raise ValueError(f"the student stage has not run: no final student in {run_dir}; run with --stages "
+                             "student (or all) first")
+
+
+def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
+    """Every check that can run before any work (options, output_dir, resume checkpoints, method,
+    backends, precision, data, labels, models' limits, stage inputs); writes nothing but tiny models
+    into ``scratch``."""
+    from kdengine.methods import resolve_method  # noqa: PLC0415
+    from kdengine.train import checkpoint  # noqa: PLC0415
+    from kdengine.train.stages import check_stage_names  # noqa: PLC0415
+
+    check_output_path(cfg.output_dir)
+    replace_output_dir = check_output_dir(cfg)
+    resume = None if replace_output_dir else checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    if cfg.resume_from_checkpoint is not None and not replace_output_dir:
+        for directory in {resume, *checkpoint.resumable(cfg.output_dir)} - {None}:
+            checkpoint.verify(directory)
+    method_cls = resolve_method(cfg.method)
+    check_stage_names(method_cls.stage_names(cfg.options), cfg.method)
+    if cfg.task not in method_cls.tasks:
+        raise ValueError(f"method {cfg.method} does not support task {cfg.task} (it supports "
+                         f"{', '.join(method_cls.tasks)})")
+    log(f"[backends] {describe_backends(cfg.kernel_backend)}")
+    check_precision(cfg)
+    inputs, teacher_srcs, student_src, tiny, tiny_build = load_inputs(cfg, log, scratch)
+    plan = RunPlan(inputs, teacher_srcs, student_src, tiny, resume, replace_output_dir, tiny_build)
+    check_stage_inputs(cfg, plan)
+    return plan
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Run the configured stages; returns {method: {"eval": ..., "train": ...}} of the students."""
+    """Run the configured stages; returns {method: {"eval": ..., "train": ...}} of the students.
+
+    Validation (:func:`validate_run`) comes first and writes nothing: a run refused there leaves
+    output_dir as it found it. Only then is output_dir created (or replaced, with
+    overwrite_output_dir) and config.yaml written."""
+    import tempfile  # noqa: PLC0415
+
     from accelerate.state import PartialState  # noqa: PLC0415
-    from accelerate.utils import set_seed  # noqa: PLC0415
 
     from kdengine.config import options_for  # noqa: PLC0415
     from kdengine.methods import resolve_method  # noqa: PLC0415
     from kdengine.train import checkpoint  # noqa: PLC0415
     from kdengine.train.reporting import finish_comparison  # noqa: PLC0415
-    from kdengine.train.stages import check_stage_names  # noqa: PLC0415
     from kdengine.train.teacher import (  # noqa: PLC0415
         TeacherFailedError, prepare_teacher, teacher_dir, teacher_name, teacher_row)
-
     from kdengine.train.trainer import cpu_only  # noqa: PLC0415
 
     if cfg.options is None:
         cfg = options_for(cfg, cfg.method)
     state = PartialState(cpu=cpu_only())
     log = _log(state.is_main_process)
-    check_output_dir(cfg, state.is_main_process)
-    state.wait_for_everyone()
-    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-    method_cls = resolve_method(cfg.method)
-    check_stage_names(method_cls.stage_names(cfg.options), cfg.method)
-    if cfg.task not in method_cls.tasks:
-        raise ValueError(f"method {cfg.method} does not support task {cfg.task} (it supports "
-                         f"{', '.join(method_cls.tasks)})")
-    backends = describe_backends(cfg.kernel_backend)
-    set_seed(cfg.seed)
-    fresh_output_dir = not os.path.isdir(cfg.output_dir) or not os.listdir(cfg.output_dir)
-    if state.is_main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as fh:
-            fh.write(to_yaml(cfg))
-    state.wait_for_everyone()
     log(f"[config] method={cfg.method} task={cfg.task} output_dir={cfg.output_dir} stages={cfg.stage_list()} "
         f"processes={state.num_processes} device={state.device}")
-    log(f"[backends] {backends}")
-    inputs, teacher_srcs, student_src, tiny = load_inputs(cfg, state, log)
-    stages = cfg.stage_list()
-    methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method] + [cfg.method]
-    needs_teacher = any(resolve_method(m).uses_teacher for m in methods) or student_src is None
+    with tempfile.TemporaryDirectory(prefix="kdengine-") as scratch:
+        plan = validate_run(cfg, log, scratch)
+        state.wait_for_everyone()
+        fresh_output_dir = plan.replace_output_dir or not os.path.isdir(cfg.output_dir) \
+            or not os.listdir(cfg.output_dir)
+        if state.is_main_process:
+            if plan.replace_output_dir:
+                shutil.rmtree(cfg.output_dir)
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as fh:
+                fh.write(to_yaml(cfg))
+            if plan.tiny_build is not None:
+                shutil.move(plan.tiny_build, os.path.join(cfg.output_dir, TINY_MODELS))
+        state.wait_for_everyone()
+    methods = list(student_dirs(cfg))
+    inputs, teacher_srcs, student_src, tiny, stages = (plan.inputs, plan.teacher_srcs, plan.student_src, plan.tiny,
+                                                       cfg.stage_list())
+    needs_teacher = needs_teachers(methods, student_src)
     teacher_paths = []
-    if needs_teacher and not teacher_srcs:
-        raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher_model_name_or_path")
     for index, source in enumerate(teacher_srcs if needs_teacher else []):
         name = teacher_name(index)
         if "teacher" in stages:
@@ -198,9 +329,6 @@ def run(cfg: TrainConfig) -> dict:
                 raise
         elif os.path.isdir(teacher_dir(cfg.output_dir, name)):
             teacher_paths.append(teacher_dir(cfg.output_dir, name))
-        elif tiny:
-            raise ValueError(f"the teacher stage has not run: {teacher_dir(cfg.output_dir, name)} does not exist; "
-                             "run with --stages teacher (or all) first")
         else:
             teacher_paths.append(source)
     teacher_results = {}
@@ -210,9 +338,9 @@ def run(cfg: TrainConfig) -> dict:
     results = {}
     for name in methods:
         if name == cfg.method:
-            run_cfg, run_resume = cfg, resume
+            run_cfg, run_resume = cfg, plan.resume
         else:
-            run_dir = os.path.join(cfg.output_dir, "baselines", name)
+            run_dir = student_dirs(cfg)[name]
             run_cfg = replace(options_for(cfg, name), output_dir=run_dir)
             run_resume = checkpoint.resolve_resume("last", run_dir) if cfg.resume_from_checkpoint else None
         results[name] = run_student(run_cfg, resolve_method(name), inputs, teacher_paths=teacher_paths,
@@ -236,8 +364,9 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
     from kdengine.train.reporting import read_json, write_results  # noqa: PLC0415
     from kdengine.train.stages import run_method_stage  # noqa: PLC0415
     from kdengine.train.teacher import context  # noqa: PLC0415
-    from kdengine.train.trainer import Trainer, make_accelerator, save_model  # noqa: PLC0415
+    from kdengine.train.trainer import Trainer, make_accelerator, save_model, seed_stage  # noqa: PLC0415
 
+    seed_stage(cfg.seed, f"{cfg.method}:models")
     stages, run_dir = cfg.stage_list(), cfg.output_dir
     accelerator = make_accelerator(cfg, run_dir)
     if accelerator.is_main_process:
@@ -270,6 +399,7 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
         run_method_stage(cfg, method, name, student, log=log)
     trainer = None
     if "student" in stages and not trained_student:
+        seed_stage(cfg.seed, f"{cfg.method}:{STUDENT}")
         stage = method.build_stage(STUDENT, student)
         trainer = Trainer(cfg, accelerator, method, stage, run_dir, desc=cfg.method)
         train_results = trainer.train(resume)
@@ -281,10 +411,8 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
         accelerator.wait_for_everyone()
     eval_results = read_json(os.path.join(run_dir, "eval_results.json"))
     if "evaluate" in stages and (eval_results is None or trainer is not None):
+        seed_stage(cfg.seed, f"{cfg.method}:evaluate")
         if trainer is None:
-            if not trained_student:
-                raise ValueError(f"the student stage has not run: no final student in {run_dir}; "
-                                 "run with --stages student (or all) first")
             trainer = Trainer(cfg, accelerator, method, method.build_stage(STUDENT, student), run_dir,
                               save_checkpoints=False, desc=cfg.method)
         # The logit plot shows classes; a causal LM's vocabulary is no scatter plot.

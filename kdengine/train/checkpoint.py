@@ -144,6 +144,48 @@ def prune(output_dir: str, limit: int | None, *, keep: str | None = None) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
+def resumable(output_dir: str) -> list[str]:
+    """The latest complete checkpoint of every stage under ``output_dir`` (the student's, each
+    ``stages/<stage>``'s, each baseline's): what ``resume_from_checkpoint last`` would load."""
+    found = []
+    for root, dirs, _ in os.walk(output_dir):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            found.append(latest)
+        dirs[:] = [d for d in dirs if not _PATTERN.match(d) and not d.startswith(_TMP)]
+    return found
+
+
+def verify(directory: str) -> None:
+    """Check, before any work, that every file of the checkpoint ``directory`` parses (JSON, the
+    safetensors headers, the state structures) without loading its tensors; ValueError naming the
+    first that does not. :func:`load_checkpoint` then checks that they fit the stage."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    _refuse_pickled(directory)
+    read_json(os.path.join(directory, STATE_FILE))
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.endswith(SUFFIX):
+            load_state(path)
+        elif name.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # safetensors raises its own error types for every kind of damage
+                raise ValueError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); the "
+                                 f"checkpoint is damaged") from None
+        elif name.endswith(".json"):
+            read_json(path)
+
+
+def _refuse_pickled(directory: str) -> None:
+    pickled = [name for name in _PICKLED if os.path.isfile(os.path.join(directory, name))]
+    if pickled and not os.path.isfile(os.path.join(directory, _optimizer_file("main", "optimizer"))):
+        raise ValueError(f"{directory} is a checkpoint of the old pickled layout ({', '.join(pickled)}), which "
+                         f"kdengine no longer loads (unpickling runs code); restart this stage: remove {directory}")
+
+
 def _restore(path: str, what: str, restore) -> None:
     """``restore(load_state(path))``; a state that does not fit (another stage, other options) is a
     ValueError naming the file."""
@@ -183,10 +225,7 @@ def load_checkpoint(accelerator, directory: str, *, modules: dict, optimizers: d
     """Restore what :func:`save_checkpoint` wrote: modules, optimizers, schedulers and this process's
     RNG state; returns the trainer state (checked against ``template``, the trainer's fresh state).
     Reads safetensors and JSON only; ValueError naming the file that is missing, damaged or foreign."""
-    pickled = [name for name in _PICKLED if os.path.isfile(os.path.join(directory, name))]
-    if pickled and not os.path.isfile(os.path.join(directory, _optimizer_file("main", "optimizer"))):
-        raise ValueError(f"{directory} is a checkpoint of the old pickled layout ({', '.join(pickled)}), which "
-                         f"kdengine no longer loads (unpickling runs code); restart this stage: remove {directory}")
+    _refuse_pickled(directory)
     rng_file = os.path.join(directory, _rng_file(accelerator.process_index))
     if not os.path.isfile(rng_file):
         raise ValueError(f"{directory} has no RNG state for process {accelerator.process_index} (it was saved "

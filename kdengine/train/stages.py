@@ -69,8 +69,9 @@ def stage_accelerator(cfg, run_dir: str):
 
 def run_method_stage(cfg, method, name: str, student, *, log):
     """Train the method's stage ``name`` (or reuse its finished output); returns the Stage."""
-    from kdengine.train.trainer import Trainer  # noqa: PLC0415
+    from kdengine.train.trainer import Trainer, seed_stage  # noqa: PLC0415
 
+    seed_stage(cfg.seed, f"{cfg.method}:{name}")
     output_dir = method.ctx.output_dir
     final, work = os.path.join(output_dir, name), work_dir(output_dir, name)
     if stage_done(final):

@@ -25,7 +25,7 @@ from kdengine.options import MethodOptions
 from kdengine.train import checkpoint
 from kdengine.train.reporting import read_json, write_results
 from kdengine.train.stages import DONE_MARKER, stage_accelerator, stage_done, work_dir
-from kdengine.train.trainer import Trainer, make_accelerator
+from kdengine.train.trainer import Trainer, make_accelerator, seed_stage
 
 TEACHER_DIR = "teacher"
 
@@ -111,6 +111,7 @@ def prepare_teacher(cfg, inputs, source: str, *, name: str = TEACHER_DIR, needs_
     if stage_done(out):
         log(f"[{name}] reusing the fine-tuned teacher in {out}")
         return out
+    seed_stage(cfg.seed, name)
     model, head_trained = models.load_for_task(source, cfg.task, inputs.label_names, what="teacher_model_name_or_path")
     if head_trained and not needs_training:
         log(f"[{name}] {source} already holds a {cfg.task} head for {inputs.label_names}: used as is")

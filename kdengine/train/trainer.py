@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 import os
 import time
+import zlib
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -32,6 +34,13 @@ from kdengine.train.reporting import MetricsLog
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
+
+
+def seed_stage(seed: int, name: str) -> None:
+    """Seed python, numpy and torch (every device) for the stage ``name`` from the run's ``seed`` and
+    the name alone: a stage draws the same numbers whether the stages before it ran in this process
+    or were skipped (a resumed run, ``--stages``, finished baselines)."""
+    set_seed((seed + zlib.crc32(name.encode())) % 2**32)
 
 
 def cpu_only() -> bool:
