@@ -36,7 +36,7 @@ from kdengine.methods.base import STUDENT, Method, Stage
 from kdengine.methods.baselines import KDLossOptions
 from kdengine.methods.selector import ExpertSelector, expert_scores
 from kdengine.metrics import compute_metrics
-from kdengine.ops import fuse_experts, fused_experts_kd_loss
+from kdengine.ops import fuse_experts, fused_experts_kd_loss, kd_loss
 from kdengine.options import option
 
 EXPERTS = "experts"
@@ -219,7 +219,7 @@ class PEEKD(Method):
             for i in range(k):
                 preds[f"expert_{i}"].append(gather(logits[i].argmax(-1)))
             for key, weighting in fusions.items():
-                fused, _, _ = fuse_experts(rows.float(), weighting=weighting, space=args.fusion_space,
+                fused, _, _ = fuse_experts(rows, weighting=weighting, space=args.fusion_space,
                                            sharpness=args.expert_sharpness, backend=ctx.args.kernel_backend)
                 preds[key].append(gather(fused.argmax(-1).reshape(labels.shape)))
             best = expert_scores(logits, labels).argmax(-1)              # [B]
@@ -264,8 +264,9 @@ class PEEKD(Method):
         if experts is not None:
             logits = logits.movedim(1, 0)                                    # [B, k, ...] -> [k, B, ...]
         rows, _ = _flatten_rows(logits, batch["labels"])
-        # The fused teacher itself (T = 1; [N, C] is tiny for classification) for plots and logs.
-        fused, _, _ = fuse_experts(rows.float(), weighting=args.expert_weighting, space=args.fusion_space,
+        # The fused teacher itself (T = 1; fp32 [N, C], tiny for classification) for plots and logs; the
+        # experts' logits go to the kernels in their own dtype (no fp32 [K, N, C] copy).
+        fused, _, _ = fuse_experts(rows, weighting=args.expert_weighting, space=args.fusion_space,
                                    sharpness=args.expert_sharpness, backend=self.ctx.args.kernel_backend)
         return {"expert_logits": rows, "logits": fused.reshape(*logits.shape[1:-1], -1)}
 
@@ -277,8 +278,8 @@ class PEEKD(Method):
                                      sharpness=args.expert_sharpness, divergence=args.kd_divergence,
                                      jsd_beta=args.jsd_beta, labels=labels, kd_weight=args.kd_weight,
                                      hard_weight=args.hard_weight, backend=backend)
-        with torch.no_grad():
-            ce = F.cross_entropy(student.float(), labels, ignore_index=IGNORE_INDEX)
+        with torch.no_grad():  # the hard-label CE alone, in fp32 inside the kernel (no fp32 copy of the student)
+            ce = kd_loss(student, student, labels=labels, kd_weight=0.0, hard_weight=1.0, backend=backend)
         # batchmean over valid rows: loss = kd part + hard_weight · mean CE (no row weights here).
         return loss, {"kd_loss": loss.detach() - args.hard_weight * ce, "ce_loss": ce}
 

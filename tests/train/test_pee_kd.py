@@ -97,3 +97,42 @@ def test_pee_kd_variants_run_and_report(tmp_path, flags):
         assert 0.0 <= report[name]["eval_accuracy"] <= 1.0
     assert (out / "experts" / "stage_complete.json").is_file()
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] >= 0.0
+
+
+def test_student_step_reads_logits_in_their_dtype(monkeypatch):
+    """The teacher and loss step of the student stage give the kernels the bf16 expert and student
+    logits as they are: no fp32 copy of the [K, N, C] expert logits nor of the student's (each would
+    be a full extra pass and buffer), and the reported CE equals float64 cross-entropy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests.conftest import require_backend
+
+    require_backend("triton")
+    k, n, c = 3, 6, 5
+    method = PEEKD(SimpleNamespace(options=PEEKDOptions(num_experts=k, selector="none")))
+    method.ctx = SimpleNamespace(args=SimpleNamespace(kernel_backend="triton"))
+    expert_logits = (torch.randn(k, n, c) * 3).bfloat16()
+    monkeypatch.setattr(method, "_expert_logits", lambda batch, experts=None: expert_logits)
+    student = (torch.randn(n, c) * 3).bfloat16().requires_grad_()
+    labels = torch.tensor([0, 1, -100, 3, 4, 2])
+
+    class Upcasts(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if (src is not None and src.dtype == torch.bfloat16 and isinstance(out, torch.Tensor)
+                    and out.dtype == torch.float32 and out.numel() >= n * c):
+                self.seen.append((func, tuple(out.shape)))
+            return out
+
+    with Upcasts():
+        teacher = method.teacher_outputs({"input_ids": None, "attention_mask": None, "labels": labels})
+        loss, parts = method.student_loss(SimpleNamespace(logits=student), {"labels": labels}, teacher)
+    assert teacher["expert_logits"] is expert_logits
+    assert Upcasts.seen == [], f"fp32 copies of bf16 logits: {Upcasts.seen}"
+    want = F.cross_entropy(student.detach().double(), labels, ignore_index=-100)
+    torch.testing.assert_close(parts["ce_loss"].double(), want, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert student.grad.dtype == torch.bfloat16
