@@ -23,8 +23,8 @@ The fused backends implement three kernels with identical signatures (recompute-
 
 ``weights`` reaches a primitive already validated and normalised: fp32 [K] or [N, K] summing to 1
 per row, or None. α is a constant of the fused loss (no gradient through it); the gradient of
-``fuse_experts``' log-probs is computed, on every backend, by a chunked PyTorch recompute with the
-α of the forward pass.
+``fuse_experts``' log-probs is computed, on every backend, in closed form from the forward's α and
+log-probs (``_fused_backward``: one pass over them in logit space, no autograd graph).
 
 Weight values: checking them needs their values on the host. CPU tensors are checked (ValueError on
 negative, non-finite or all-zero weights). CUDA tensors are not synchronised on: a negative or
@@ -182,24 +182,39 @@ def _weights_rows(weights, sl):
     return weights[sl]
 
 
-def _fused_backward(experts, alpha, grad_log_probs, temperature, space):
-    """d(Σ grad_log_probs · log_probs)/d experts with α fixed, chunk by chunk (any backend)."""
+def _fused_backward(experts, alpha, log_probs, grad_log_probs, temperature, space):
+    """d(Σ g · log p̄)/d experts with α fixed (g = grad_log_probs), chunk by chunk (any backend).
+
+    Logit space, one pass over g and the forward's log p̄, the experts are not read:
+        dL/dz_k = α_k (g − p̄ Σ_c g_c) / T
+    Prob space (log p̄ = log Σ_k α_k p_k), with ρ_k = p_k / p̄ = exp(log p_k − log p̄) <= 1 / α_k:
+        dL/dz_k = α_k (g ρ_k − p_k Σ_c g_c ρ_k,c) / T
+    which needs p_k, so it reads the experts once (their log-softmax per chunk).
+    """
     k, n, v = experts.shape
-    compute = accumulation_dtype(experts)
+    compute = accumulation_dtype(experts, log_probs)
     grad = torch.empty_like(experts, memory_format=torch.contiguous_format)
     step = _chunk_rows(k, v)
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        z = experts[:, sl].detach().to(compute).requires_grad_(True)
-        with torch.enable_grad():
-            lp = fused_log_probs(z, alpha[sl].to(compute), temperature=temperature, space=space)
-            (grad[:, sl],) = torch.autograd.grad(lp, [z], grad_outputs=grad_log_probs[sl].to(compute))
+        g = grad_log_probs[sl].to(compute)
+        a = alpha[sl].to(compute).t().unsqueeze(-1) / temperature                      # [K, C, 1]
+        if space == "logit":
+            p_bar = log_probs[sl].to(compute).exp()
+            grad[:, sl] = a * (g - p_bar * g.sum(-1, keepdim=True))
+        else:
+            log_p = torch.log_softmax(experts[:, sl].to(compute) / temperature, dim=-1)
+            live = log_p > -math.inf
+            rho = torch.where(live, (log_p - log_probs[sl].to(compute)).exp(), 0.0)      # 0 at masked columns
+            c_k = (g * rho).sum(-1, keepdim=True)
+            grad[:, sl] = torch.where(a > 0, a * (g * rho - log_p.exp() * c_k), 0.0)
     return grad
 
 
 class FuseExpertsFunction(torch.autograd.Function):
     """fuse_experts on any backend: the forward runs the backend's ``primitive`` (None: torch
-    chunks); α and H are constants; the backward is the chunked recompute of ``_fused_backward``."""
+    chunks); α and H are constants; the backward is ``_fused_backward``'s closed form (from the saved
+    log-probs: one pass in logit space)."""
 
     @staticmethod
     def forward(ctx, experts, weights, temperature, weighting, space, sharpness, primitive):
@@ -209,14 +224,14 @@ class FuseExpertsFunction(torch.autograd.Function):
             outputs = primitive(experts, temperature, weighting, space, sharpness, weights)
         log_probs, alpha, entropy = outputs
         ctx.temperature, ctx.space = temperature, space
-        ctx.save_for_backward(experts, alpha)
+        ctx.save_for_backward(experts, alpha, log_probs)
         ctx.mark_non_differentiable(alpha, entropy)
         return log_probs, alpha, entropy
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_alpha, _grad_entropy):
-        experts, alpha = ctx.saved_tensors
-        grad = _fused_backward(experts, alpha, grad_log_probs, ctx.temperature, ctx.space)
+        experts, alpha, log_probs = ctx.saved_tensors
+        grad = _fused_backward(experts, alpha, log_probs, grad_log_probs, ctx.temperature, ctx.space)
         return grad, None, None, None, None, None, None
 
 
