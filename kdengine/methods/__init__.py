@@ -16,6 +16,7 @@ REGISTRY = {
     "no_kd": "kdengine.methods.baselines:NoKD",
     "vanilla_kd": "kdengine.methods.baselines:VanillaKD",
     "pee_kd": "kdengine.methods.pee_kd:PEEKD",
+    "mt_bert": "kdengine.methods.mt_bert:MTBERT",
 }
 
 
