@@ -146,7 +146,7 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, *, experts: torch.Tensor | None = None,
                          response_ids: torch.Tensor | None = None,
                          response_attention_mask: torch.Tensor | None = None, last_only: bool = False,
-                         layout: str = "auto") -> torch.Tensor:
+                         layout: str = "auto", split_x: bool = False):
     """Logits of ``[x; P_k; y]`` for K appended soft-prompt experts, computing x once.
 
     Args:
@@ -165,14 +165,20 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
             prompt position without a response (next-token scoring / classification), else the
             last real response token (the last prompt position for an empty response row).
         layout: "auto" | "packed" | "batched" (see the module docstring); all give the same logits.
+        split_x: return ``(x_logits, y_logits)`` instead of their concatenation along positions:
+            x's logits as one computation broadcast over the experts (stride 0 on the expert axis,
+            never copied; ``x_logits.reshape(K, B * Lx, V)`` is still a view and is what
+            :func:`kdengine.ops.fused_experts_kd_loss` takes as [K, N, V] expert logits) and the
+            experts' own y logits. The concatenation writes x's logits once per expert.
 
     Returns:
         Logits (the model's dtype) for x's and y's positions, prompt positions removed:
         experts None -> ``[K, B, Lx + Ly, V]``; ``[B]`` -> ``[B, Lx + Ly, V]``;
         ``[B, k]`` -> ``[B, k, Lx + Ly, V]``. With ``last_only`` the position axis is dropped
         (``[K, B, V]``, ``[B, V]``, ``[B, k, V]``). The x part equals across experts (an expanded
-        view of one computation when there is no response). Logits at padded positions are
-        finite but unspecified.
+        view of one computation when there is no response, or with ``split_x``: then a pair of
+        the x part, Lx positions, and the y part, Ly positions, in those layouts; ``last_only``
+        ignores ``split_x``). Logits at padded positions are finite but unspecified.
 
     Raises:
         ValueError: on a model that is not a supported causal LM, or inputs of the wrong shape,
@@ -230,10 +236,12 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
         if any(getattr(cache, "is_sliding", ())):
             raise ValueError("sliding-window attention layers are not supported (the segment mask is full attention)")
         x_logits = None if last_only else project(lm_head, out.last_hidden_state)  # [B, Lx, V]
-    if y_len == 0 and not last_only:
-        if mode == "all":
-            return x_logits[None].expand(k, batch, x_len, -1)
-        return _arrange(x_logits[:, None].expand(batch, k, x_len, -1), mode)
+    if not last_only:
+        # x's logits for every expert: an expanded view of the one computation (stride 0).
+        x_part = (x_logits[None].expand(k, batch, x_len, -1) if mode == "all"
+                  else _arrange(x_logits[:, None].expand(batch, k, x_len, -1), mode))
+        if y_len == 0:
+            return (x_part, x_part[..., :0, :]) if split_x else x_part
 
     # Phase 2: the k segments [P_e; y] of every example against x's cache.
     seg_len = prompt_len + y_len
@@ -270,11 +278,11 @@ def shared_input_forward(model, prompts: torch.Tensor, input_ids: torch.Tensor,
     y_hidden = hidden_states[:, :, prompt_len:]                               # [B, k, Ly, H]
     if mode == "all":
         y_logits = project(lm_head, y_hidden.transpose(0, 1))                 # [K, B, Ly, V]
-        x_part = x_logits[None].expand(k, batch, x_len, -1)
-        return torch.cat([x_part, y_logits], dim=2)
-    y_logits = project(lm_head, y_hidden)                                     # [B, k, Ly, V]
-    x_part = x_logits[:, None].expand(batch, k, x_len, -1)
-    return _arrange(torch.cat([x_part, y_logits], dim=2), mode)
+    else:
+        y_logits = _arrange(project(lm_head, y_hidden), mode)                 # [B(, k), Ly, V]
+    if split_x:
+        return x_part, y_logits
+    return torch.cat([x_part, y_logits], dim=-2)
 
 
 def project(lm_head, hidden: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,30 @@ def test_x_logits_are_shared_not_recomputed():
     assert out.shape[0] == K and out.stride(0) == 0    # one x computation, expanded to K experts
 
 
+@pytest.mark.parametrize("mode", ["all", "k"])
+def test_split_x_passes_x_logits_as_a_stride0_expert_view(mode):
+    """split_x: x's logits are one computation viewed by every expert (stride 0, no K copies), the
+    pair concatenates to the default output, and the fused loss takes the view as its experts."""
+    from kdengine.ops import _backends, fused_experts_kd_loss  # noqa: PLC0415
+
+    model = make_model("gpt2", dtype=torch.float32)
+    prompts, x, x_mask, y, y_mask = make_batch(model)
+    experts = None if mode == "all" else torch.tensor([[0, 2], [1, 1], [2, 0]])
+    kwargs = dict(experts=experts, response_ids=y, response_attention_mask=y_mask)
+    x_part, y_part = shared_input_forward(model, prompts, x, x_mask, split_x=True, **kwargs)
+    axis = 0 if mode == "all" else 1
+    assert x_part.stride(axis) == 0 and x_part.shape[-2] == x.shape[1]
+    assert torch.equal(torch.cat([x_part, y_part], dim=-2), shared_input_forward(model, prompts, x, x_mask, **kwargs))
+    if mode == "all":
+        rows = x_part.reshape(K, -1, V_GPT2)
+        assert rows.stride(0) == 0 and rows.data_ptr() == x_part.data_ptr()   # still a view
+        student = torch.randn(rows.shape[1:])
+        for backend in [b for b in ("torch", "triton") if _backends.availability(b)[0]]:
+            loss = fused_experts_kd_loss(student, rows, weighting="entropy", backend=backend)
+            torch.testing.assert_close(loss, fused_experts_kd_loss(student, rows.contiguous(), weighting="entropy",
+                                                                   backend="torch"))
+
+
 def test_layouts_agree_and_auto_rule():
     assert choose_layout(k=8, seg_len=4, x_len=64) == "packed"
     assert choose_layout(k=8, seg_len=72, x_len=64) == "batched"
