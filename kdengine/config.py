@@ -136,7 +136,10 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
     values = values or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must be a mapping of option: value, got {type(values).__name__}")

@@ -94,7 +94,6 @@ def check_precision(cfg: TrainConfig) -> None:
 def check_output_dir(cfg: TrainConfig) -> bool:
     """Refuse an output_dir that holds a different run, or an unfinished one when not resuming;
     returns whether the run there is to be replaced (overwrite_output_dir; removed once validated)."""
-    from kdengine.train import checkpoint  # noqa: PLC0415
     from kdengine.train.stages import unfinished_checkpoints  # noqa: PLC0415
 
     saved_path = os.path.join(cfg.output_dir, "config.yaml")
@@ -110,9 +109,7 @@ def check_output_dir(cfg: TrainConfig) -> bool:
         raise ValueError(f"output_dir {cfg.output_dir!r} holds a run with a different config ({'; '.join(diffs[:6])}"
                          f"{' ...' if len(diffs) > 6 else ''}); use a new --output_dir, or pass "
                          f"--overwrite_output_dir true to replace that run")
-    finished = os.path.isfile(os.path.join(cfg.output_dir, "train_results.json"))
-    if not finished and cfg.resume_from_checkpoint is None and (checkpoint.list_checkpoints(cfg.output_dir)
-                                                                or unfinished_checkpoints(cfg.output_dir)):
+    if cfg.resume_from_checkpoint is None and unfinished_checkpoints(cfg.output_dir):
         raise ValueError(f"output_dir {cfg.output_dir!r} holds checkpoints of an unfinished run; pass "
                          f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir true to restart")
     return False
@@ -254,13 +251,13 @@ def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
     into ``scratch``."""
     from kdengine.methods import resolve_method  # noqa: PLC0415
     from kdengine.train import checkpoint  # noqa: PLC0415
-    from kdengine.train.stages import check_stage_names  # noqa: PLC0415
+    from kdengine.train.stages import check_stage_names, unfinished_checkpoints  # noqa: PLC0415
 
     check_output_path(cfg.output_dir)
     replace_output_dir = check_output_dir(cfg)
     resume = None if replace_output_dir else checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if cfg.resume_from_checkpoint is not None and not replace_output_dir:
-        for directory in {resume, *checkpoint.resumable(cfg.output_dir)} - {None}:
+        for directory in {resume, *unfinished_checkpoints(cfg.output_dir)} - {None}:
             checkpoint.verify(directory)
     method_cls = resolve_method(cfg.method)
     check_stage_names(method_cls.stage_names(cfg.options), cfg.method)

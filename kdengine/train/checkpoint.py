@@ -144,18 +144,6 @@ def prune(output_dir: str, limit: int | None, *, keep: str | None = None) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
-def resumable(output_dir: str) -> list[str]:
-    """The latest complete checkpoint of every stage under ``output_dir`` (the student's, each
-    ``stages/<stage>``'s, each baseline's): what ``resume_from_checkpoint last`` would load."""
-    found = []
-    for root, dirs, _ in os.walk(output_dir):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            found.append(latest)
-        dirs[:] = [d for d in dirs if not _PATTERN.match(d) and not d.startswith(_TMP)]
-    return found
-
-
 def verify(directory: str) -> None:
     """Check, before any work, that every file of the checkpoint ``directory`` parses (JSON, the
     safetensors headers, the state structures) without loading its tensors; ValueError naming the

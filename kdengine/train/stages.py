@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 
-from kdengine.atomic import atomic_directory, write_json
+from kdengine.atomic import TMP_PREFIX, atomic_directory, write_json
 from kdengine.methods.base import STUDENT
 from kdengine.train import checkpoint
 
@@ -46,12 +46,20 @@ def check_stage_names(names, label: str) -> None:
 
 
 def unfinished_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints of the unfinished stages' working directories (``output_dir/stages/*``)."""
-    root = os.path.join(output_dir, STAGES_DIR)
-    if not os.path.isdir(root):
-        return []
-    return [path for name in sorted(os.listdir(root)) if not stage_done(os.path.join(output_dir, name))
-            for _, path in checkpoint.list_checkpoints(os.path.join(root, name))]
+    """The latest complete checkpoint of every unfinished stage under ``output_dir``: what
+    ``--resume_from_checkpoint last`` continues. A student's directory (output_dir, each
+    ``baselines/<method>``) is finished once it holds train_results.json, ``stages/<stage>`` once
+    ``output_dir/<stage>`` holds stage_complete.json."""
+    found = []
+    for root, dirs, _ in os.walk(output_dir):
+        dirs[:] = [d for d in dirs if not d.startswith((checkpoint.PREFIX, TMP_PREFIX))]
+        latest = checkpoint.latest_checkpoint(root)
+        parent, name = os.path.split(root)
+        finished = stage_done(os.path.join(os.path.dirname(parent), name)) if os.path.basename(parent) == STAGES_DIR \
+            else os.path.isfile(os.path.join(root, "train_results.json"))
+        if latest is not None and not finished:
+            found.append(latest)
+    return found
 
 
 def stage_accelerator(cfg, run_dir: str):

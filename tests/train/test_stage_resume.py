@@ -1,21 +1,38 @@
-"""SIGKILL in the middle of each stage of a PEE-KD run (teacher, experts, selector, student), resume
-with --resume_from_checkpoint last: the stage continues from its checkpoint and the run ends with
-exactly the metrics of an uninterrupted run."""
+"""SIGKILL at a random step of every stage of a PEE-KD run with its no_kd and vanilla_kd baselines
+(teacher, the no_kd student, the vanilla_kd student, experts, selector, the PEE-KD student), resume
+with --resume_from_checkpoint last: the stage continues from its checkpoint, the stages before it
+are skipped, and the run ends with exactly the metrics of an uninterrupted run (each stage seeds
+itself from the run seed and its name, so skipping the finished ones changes nothing).
+
+The kill step is drawn per stage from KDENGINE_TEST_SEED (default 0): set it to kill elsewhere."""
 
 import os
+import random
 import signal
 import subprocess
 import time
+import zlib
 
 import pytest
 
 from kdengine.train import checkpoint
 from tests.train import PYTHON, REPO, metrics_rows, read_json, small_args, subprocess_env
 
-# 12 optimizer steps in every stage, a checkpoint every 4: a kill lands after step 4 or 8.
+# 12 optimizer steps in every stage, a checkpoint every 2: the kill follows the checkpoint of a
+# step drawn from KILL_STEPS, at least 4 steps before the stage ends.
 RUN = dict(method="pee_kd", synthetic_num_train=96, per_device_train_batch_size=8, num_train_epochs=1,
            teacher_num_train_epochs=1, expert_num_train_epochs=1, selector_num_train_epochs=1, num_experts=2,
-           num_virtual_tokens=2, save_strategy="steps", save_steps=4, save_total_limit=None, logging_steps=2)
+           num_virtual_tokens=2, save_strategy="steps", save_steps=2, save_total_limit="None", logging_steps=2,
+           compare_baselines=True)
+KILL_STEPS = (2, 4, 6, 8)
+# stage -> (directory of its checkpoints, what exists once it finished), relative to output_dir
+STAGES = {"teacher": ("stages/teacher", "teacher"),
+          "no_kd": ("baselines/no_kd", "baselines/no_kd/train_results.json"),
+          "vanilla_kd": ("baselines/vanilla_kd", "baselines/vanilla_kd/train_results.json"),
+          "experts": ("stages/experts", "experts"),
+          "selector": ("stages/selector", "selector"),
+          "pee_kd": (".", "train_results.json")}
+STUDENT_DIRS = (".", "baselines/no_kd", "baselines/vanilla_kd")
 
 
 def _command(output_dir, **extra):
@@ -29,28 +46,26 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def _stage_dir(out, stage):
-    return out if stage == "student" else out / "stages" / stage
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["teacher", "experts", "selector", "student"])
-def test_a_run_killed_mid_stage_resumes_that_stage(stage, uninterrupted, tmp_path):
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_run_killed_at_a_random_step_of_any_stage_resumes_exactly(stage, uninterrupted, tmp_path):
     env, killed = subprocess_env(), tmp_path / "killed"
+    target = random.Random(zlib.crc32(stage.encode()) + int(os.environ.get("KDENGINE_TEST_SEED", "0"))) \
+        .choice(KILL_STEPS)
+    work, finished = (killed / part for part in STAGES[stage])
     proc = subprocess.Popen(_command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
-        while not checkpoint.list_checkpoints(str(_stage_dir(killed, stage))):
-            assert proc.poll() is None, f"the run ended before the {stage} stage wrote a checkpoint"
+        while not any(step >= target for step, _ in checkpoint.list_checkpoints(str(work))):
+            assert proc.poll() is None, f"the run ended before the {stage} stage wrote checkpoint-{target}"
             assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
+            time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    final = killed / ("eval_results.json" if stage == "student" else stage)
-    assert not final.exists(), f"the {stage} stage finished before the kill"
-    step = checkpoint.list_checkpoints(str(_stage_dir(killed, stage)))[-1][0]
+    assert not finished.exists(), f"the {stage} stage finished before the kill at step {target}"
+    step = checkpoint.list_checkpoints(str(work))[-1][0]
 
     refused = subprocess.run(_command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "holds checkpoints of an unfinished run" in refused.stderr
@@ -58,15 +73,18 @@ def test_a_run_killed_mid_stage_resumes_that_stage(stage, uninterrupted, tmp_pat
     resumed = subprocess.run(_command(killed, resume_from_checkpoint="last"), cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {_stage_dir(killed, stage) / f'checkpoint-{step}'} at step {step}" in resumed.stdout
+    assert f"resumed from {os.path.normpath(work / f'checkpoint-{step}')} at step {step}" in resumed.stdout
 
-    full = uninterrupted
-    assert read_json(killed / "eval_results.json") == read_json(full / "eval_results.json")
-    assert metrics_rows(killed / "metrics.jsonl") == metrics_rows(full / "metrics.jsonl")
+    full, why = uninterrupted, f"killed in {stage} after step {step}"
+    for run_dir in STUDENT_DIRS:
+        assert read_json(killed / run_dir / "eval_results.json") == read_json(full / run_dir / "eval_results.json"), why
+        assert metrics_rows(killed / run_dir / "metrics.jsonl") == metrics_rows(full / run_dir / "metrics.jsonl"), why
     for name in ("teacher", "experts", "selector"):
-        assert metrics_rows(killed / "stages" / name / "metrics.jsonl") == metrics_rows(full / "stages" / name / "metrics.jsonl")
+        assert metrics_rows(killed / "stages" / name / "metrics.jsonl") == \
+            metrics_rows(full / "stages" / name / "metrics.jsonl"), why
         done_killed, done_full = read_json(killed / name / "stage_complete.json"), read_json(full / name / "stage_complete.json")
-        assert (done_killed["train_loss"], done_killed["global_step"]) == (done_full["train_loss"], done_full["global_step"])
+        assert (done_killed["train_loss"], done_killed["global_step"]) == \
+            (done_full["train_loss"], done_full["global_step"]), why
         assert not checkpoint.list_checkpoints(str(killed / "stages" / name)), "a finished stage keeps no checkpoints"
     report = {k: v.get("eval_accuracy") for k, v in read_json(killed / "teacher_results.json").items()}
-    assert report == {k: v.get("eval_accuracy") for k, v in read_json(full / "teacher_results.json").items()}
+    assert report == {k: v.get("eval_accuracy") for k, v in read_json(full / "teacher_results.json").items()}, why
