@@ -17,6 +17,17 @@
 // the prob-space gradient is c · α_k p_k (g − Σ_j p_k,j g_j), g = ½ sign(p̄ − q), c = dL/dD / T,
 // with Σ p_k g from p_k's sums split by the sign of g (tvd_centered: no cancellation when expert k
 // is peaked).
+//
+// Recompute-in-backward, as kd_loss.cu: the forward launch writes row losses, α, entropies and the
+// row statistics; the backward launch reads the logits again. Traffic per row, in passes over [V]
+// of the input dtype (K experts, student gradient only; each expert gradient adds one write):
+//   forward  logit space, forward/reverse KL and soft CE: K + 1 with α known before the row is read
+//            (uniform or given weights: the experts' statistics ride along kl_forward_row's one read,
+//            the merged pass), 2K + 1 with entropy / confidence weights (expert_statistics first:
+//            α needs every expert's whole-row entropy); other divergences 3K + 2 (logit: + the fused
+//            log-sum-exp pass) or 2K + 2 (prob).
+//   backward K + 1 reads + 1 write (prob space expert gradients: one more read of the experts).
+// At K = 4, logit forward KL, forward + backward: 11 (uniform / given weights) or 15 (entropy).
 #include "kd_row.cuh"
 
 namespace kdengine {
@@ -29,6 +40,41 @@ struct ExpertStats {
   LogSumExp lse[kMaxExperts];    // of z_k / T
   float bad;                     // number of NaN / +inf logits in the row's experts (forward)
 };
+
+// α is known before the row is read: given weights, or uniform.
+__device__ __forceinline__ bool known_alpha(const FusionArgs& f) {
+  return f.weights != nullptr || f.weighting == kUniform;
+}
+
+// α of row n into stats and alpha[n, :] (thread 0). entropy / top (per expert: H_k, max_c p_k,c) are
+// read by the entropy and confidence weightings only.
+__device__ void set_mixture(const FusionArgs& f, int64_t n, const float* entropy, const float* top,
+                            ExpertStats& stats) {
+  const int K = f.num_experts;
+  float total = 0.f, hmax = kNegInf;
+  if (!known_alpha(f) && f.weighting == kEntropy)
+    for (int e = 0; e < K; ++e) hmax = fmaxf(hmax, -entropy[e] / f.sharpness);
+  for (int e = 0; e < K; ++e) {
+    float a;
+    if (f.weights != nullptr) {
+      a = f.weights[n * f.weights_row_stride + e];  // normalised by the caller
+    } else if (f.weighting == kUniform) {
+      a = 1.f / K;
+    } else if (f.weighting == kEntropy) {
+      a = __expf(-entropy[e] / f.sharpness - hmax);  // softmax_k(−H_k / sharpness), normalised below
+    } else {
+      a = top[e];  // confidence, normalised below
+    }
+    stats.alpha[e] = a;
+    total += a;
+  }
+  const bool normalise = !known_alpha(f);
+  for (int e = 0; e < K; ++e) {
+    if (normalise) stats.alpha[e] /= total;
+    stats.log_alpha[e] = stats.alpha[e] > 0.f ? logf(stats.alpha[e]) : kNegInf;
+    f.alpha[n * K + e] = stats.alpha[e];
+  }
+}
 
 // Pass 1 and α for row n; writes alpha[n, :] and entropy[n, :]. Block-wide.
 template <typename T>
@@ -62,30 +108,8 @@ __device__ void expert_statistics(const FusionArgs& f, const T* row0, int64_t V,
   if (threadIdx.x == 0) stats.bad = bad[0];
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int K = f.num_experts;
-    float total = 0.f, hmax = kNegInf;
-    for (int e = 0; e < K; ++e) hmax = fmaxf(hmax, -entropy[e] / f.sharpness);
-    for (int e = 0; e < K; ++e) {
-      float a;
-      if (f.weights != nullptr) {
-        a = f.weights[n * f.weights_row_stride + e];  // normalised by the caller
-      } else if (f.weighting == kUniform) {
-        a = 1.f / K;
-      } else if (f.weighting == kEntropy) {
-        a = __expf(-entropy[e] / f.sharpness - hmax);  // softmax_k(−H_k / sharpness), normalised below
-      } else {
-        a = top[e];  // confidence, normalised below
-      }
-      stats.alpha[e] = a;
-      total += a;
-    }
-    const bool normalise = f.weights == nullptr && f.weighting != kUniform;
-    for (int e = 0; e < K; ++e) {
-      if (normalise) stats.alpha[e] /= total;
-      stats.log_alpha[e] = stats.alpha[e] > 0.f ? logf(stats.alpha[e]) : kNegInf;
-      f.alpha[n * K + e] = stats.alpha[e];
-      f.entropy[n * K + e] = entropy[e];
-    }
+    set_mixture(f, n, entropy, top, stats);
+    for (int e = 0; e < f.num_experts; ++e) f.entropy[n * f.num_experts + e] = entropy[e];
   }
   __syncthreads();
 }
@@ -95,13 +119,14 @@ template <typename T, int KIND, int SPACE>
 struct FusedTeacher {
   static constexpr int N = Vec<T>::n;
   static constexpr int grad_stages = SPACE == kProbSpace ? 2 : 1;
-  static constexpr bool raw_columns = false;  // its experts are counted by expert_statistics
+  static constexpr bool raw_columns = false;  // its experts are counted by expert_statistics (or the
+                                              // merged pass)
   const T* row0;                 // expert 0's row n; expert e at row0 + e · expert_stride
   int64_t expert_stride;
   int num_experts;
   int64_t vocab;
   float temperature, inv_t;
-  const ExpertStats* stats;
+  ExpertStats* stats;            // shared
   T* grad0;                      // grad_experts[0, n, :] or nullptr; expert e at + e · grad_expert_stride
   int64_t grad_expert_stride;
   bool wants_grad;
@@ -112,6 +137,14 @@ struct FusedTeacher {
   float* partial_s;              // prob space: shared [3 · kMaxExperts], the block sums S_k (tvd:
                                  // Σ p_k over p̄ > q, p̄ < q, p̄ = q)
   float s_acc[KIND == kTVD ? 3 * kMaxExperts : kMaxExperts];  // prob space: this thread's part
+  // The merged pass (forward, logit space, forward/reverse KL and soft CE, α known before the row is
+  // read): every expert's statistics ride along kl_forward_row's one read of the row instead of a
+  // pass of their own (expert_statistics): per expert (m, d, w) of this thread's columns, the NaN /
+  // +inf count, and where the entropies go.
+  bool merged;
+  float merged_st[3 * kMaxExperts];
+  float merged_bad;
+  float* entropy_out;            // entropy[n, :]
 
   // z̄ = Σ_{α_k>0} α_k z_k for a chunk (−inf where the experts are −inf).
   __device__ void mix_logits(int64_t start, float (&zbar)[N]) const {
@@ -148,11 +181,47 @@ struct FusedTeacher {
   __device__ void restore(const float* saved) { fused_lse = LogSumExp{saved[0], saved[1]}; }
   __device__ void set_lse(LogSumExp l) { fused_lse = l; }
 
-  // u = z̄ / T of a chunk (kl_forward_row, logit space).
-  __device__ void scaled_logits(int64_t start, float (&u)[N]) const {
-    mix_logits(start, u);
+  // u = z̄ / T of a chunk (kl_forward_row, logit space); the merged pass reads every expert (α = 0
+  // too: its entropy is an output) and pushes its columns into the expert's online statistics.
+  __device__ void scaled_logits(int64_t start, float (&u)[N]) {
+    if (!merged) {
+      mix_logits(start, u);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) u[k] = 0.f;
+      for (int e = 0; e < num_experts; ++e) {
+        const float a = stats->alpha[e];
+        const T* row = row0 + e * expert_stride;
+        float z[N];
+        load_chunk<T, N>(row, start, vocab, aligned16(row), z);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          if (start + k < vocab) merged_bad += nonfinite(z[k]);
+          entropy_push(merged_st[3 * e], merged_st[3 * e + 1], merged_st[3 * e + 2], z[k] * inv_t);
+          if (a > 0.f) u[k] += a * z[k];
+        }
+      }
+    }
 #pragma unroll
     for (int k = 0; k < N; ++k) u[k] *= inv_t;
+  }
+
+  // After kl_forward_row's pass (block-wide): the merged pass's per-expert log-sum-exps, entropies
+  // and NaN / +inf count, as expert_statistics would have given them.
+  __device__ void after_pass() {
+    if (!merged) return;
+    block_allreduce(merged_st, EntropyMergeOp());
+    float bad[1] = {merged_bad};
+    block_allreduce(bad, SumOp());
+    if (threadIdx.x == 0) {
+      for (int e = 0; e < num_experts; ++e) {
+        const float log_d = logf(merged_st[3 * e + 1]);
+        stats->lse[e] = LogSumExp{merged_st[3 * e], log_d};
+        entropy_out[e] = log_d - merged_st[3 * e + 2] / merged_st[3 * e + 1];
+      }
+      stats->bad = bad[0];
+    }
+    __syncthreads();
   }
 
   __device__ void prepare() {
@@ -280,7 +349,7 @@ struct FusedTeacher {
 
 template <typename T, int KIND, int SPACE>
 __device__ void init_teacher(FusedTeacher<T, KIND, SPACE>& t, const FusionArgs& f, int64_t n, int64_t N_rows,
-                             int64_t V, float temperature, const ExpertStats& stats) {
+                             int64_t V, float temperature, ExpertStats& stats) {
   t.row0 = static_cast<const T*>(f.experts) + n * f.row_stride;
   t.expert_stride = f.expert_stride;
   t.num_experts = f.num_experts;
@@ -298,6 +367,14 @@ __device__ void init_teacher(FusedTeacher<T, KIND, SPACE>& t, const FusionArgs& 
   t.partial_s = nullptr;
 #pragma unroll
   for (int e = 0; e < (KIND == kTVD ? 3 : 1) * kMaxExperts; ++e) t.s_acc[e] = 0.f;
+  t.merged = false;
+  for (int e = 0; e < kMaxExperts; ++e) {
+    t.merged_st[3 * e] = kNegInf;
+    t.merged_st[3 * e + 1] = 0.f;
+    t.merged_st[3 * e + 2] = 0.f;
+  }
+  t.merged_bad = 0.f;
+  t.entropy_out = f.entropy != nullptr ? f.entropy + n * f.num_experts : nullptr;
 }
 
 // Backward: α from the forward's output and the experts' log-sum-exps from the row statistics
@@ -354,8 +431,19 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
   const float temperature = a.options.temperature;
   const T* row0 = static_cast<const T*>(a.fusion.experts) + n * a.fusion.row_stride;
   float* row_stats = a.stats + n * kFusedRowStats;
+  // Logit space, forward/reverse KL and soft CE: log-sum-exps and D in one read of the row
+  // (kl_forward_row); with α known before the row is read, the experts' statistics join that read.
+  constexpr bool kOnePass = MODE == kForwardStats && SPACE == kLogitSpace &&
+                            (KIND == kForwardKL || KIND == kSoftCE || KIND == kReverseKL);
+  const bool ignored = a.labels != nullptr && a.labels[n] == a.options.ignore_index;
+  const bool merged = kOnePass && known_alpha(a.fusion) && !ignored;
   if constexpr (MODE == kForwardStats) {
-    expert_statistics<T>(a.fusion, row0, V, 1.f / temperature, n, stats);
+    if (merged) {
+      if (threadIdx.x == 0) set_mixture(a.fusion, n, nullptr, nullptr, stats);
+      __syncthreads();
+    } else {
+      expert_statistics<T>(a.fusion, row0, V, 1.f / temperature, n, stats);
+    }
   } else {
     restore_expert_statistics(a.fusion, row_stats + kTeacherStats + 2, n, stats);
   }
@@ -382,9 +470,8 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
     teacher.nan_row = row_stats[kPoisonStat];
     teacher.partial_s = partial_s;
   }
-  // Logit space, forward/reverse KL and soft CE: log-sum-exps and D in one read of the row.
-  if constexpr (MODE == kForwardStats && SPACE == kLogitSpace &&
-                (KIND == kForwardKL || KIND == kSoftCE || KIND == kReverseKL)) {
+  teacher.merged = merged;
+  if constexpr (kOnePass) {
     kl_forward_row<T, KIND>(r, teacher);
   } else {
     kd_loss_row<T, KIND, MODE>(r, teacher);

@@ -50,6 +50,7 @@ struct LogitTeacher {
   }
   __device__ void restore(const float* saved) { lse = LogSumExp{saved[0], saved[1]}; }
   __device__ void set_lse(LogSumExp l) { lse = l; }
+  __device__ void after_pass() {}
 
   // u = t / T of a chunk (kl_forward_row).
   __device__ void scaled_logits(int64_t start, float (&u)[N]) const {

@@ -29,7 +29,8 @@ namespace kdengine {
 //                                                         NaN / +inf), else:
 //   float bad_logits() const;                             its own count of NaN / +inf logits
 //                                                         (block-uniform, forward)
-// and, for kl_forward_row, scaled_logits(start, float (&u)[N]) (u = t / T) and set_lse(LogSumExp).
+// and, for kl_forward_row, scaled_logits(start, float (&u)[N]) (u = t / T), after_pass() (block-wide,
+// once the row has been read) and set_lse(LogSumExp).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct KDRow {
@@ -243,6 +244,7 @@ __device__ void kl_forward_row(const KDRow<T>& r, Teacher& teacher) {
       if (own_t1) softmax_push(st[4], st[5], s[k]);
     }
   }
+  teacher.after_pass();
   block_allreduce(st, KLMergeOp<W>());
   const float nan_row = row_poison(bad, teacher);
   if (threadIdx.x != 0) return;
