@@ -20,6 +20,7 @@ from kdengine.constants import TASKS
 STRATEGIES = ("no", "steps", "epoch")
 STAGES = ("teacher", "method", "student", "evaluate")
 REPORT_TO = ("tensorboard", "none")
+FLOAT32_MAX = 3.4028234663852886e38      # torch.finfo(torch.float32).max; this module does not import torch
 
 
 class ConfigError(ValueError):
@@ -110,14 +111,15 @@ class Schema:
                               f"got {value!r}") from None
 
     def check(self, obj) -> None:
-        """Choices and finiteness of every field of ``obj`` (ConfigError)."""
+        """Choices, and finiteness in float32 of every float field of ``obj`` (ConfigError)."""
         for name, f in self.fields.items():
             choices = f.metadata.get("choices")
             value = getattr(obj, name)
             if choices and value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{name} must be finite, got {value}")
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise ConfigError(f"{name} must be finite in float32 (|value| <= {FLOAT32_MAX:.4g}: the training "
+                                  f"runs in float32), got {value}")
 
     def values(self, obj) -> dict:
         """{name: value} of the options of ``obj``."""

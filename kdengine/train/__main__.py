@@ -115,15 +115,16 @@ def check_output_dir(cfg: TrainConfig) -> bool:
     return False
 
 
-def check_model_limits(cfg: TrainConfig, sources: list[str], tokenizer) -> None:
-    """Every model reads the tokenized batch: max_seq_length within its positions, token ids within its
-    embeddings, and student_num_layers within the first teacher's layers (read from the configs)."""
+def check_model_limits(cfg: TrainConfig, sources: list[tuple[str, str]], tokenizer) -> None:
+    """Every model of ``sources`` ([(option, directory)], teachers first) reads the tokenized batch:
+    max_seq_length within its positions, token ids within its embeddings, and student_num_layers
+    within the first teacher's layers (read from the configs)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
     for index, (role, source) in enumerate(sources):
         config = AutoConfig.from_pretrained(source)
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if "roberta" in str(getattr(config, "model_type", "")) or getattr(config, "model_type", "") == "camembert":
+        if positions is not None and ("roberta" in str(config.model_type) or config.model_type == "camembert"):
             positions -= (config.pad_token_id or 0) + 1          # positions start after the padding index
         if positions is not None and cfg.max_seq_length > positions:
             raise ValueError(f"max_seq_length={cfg.max_seq_length} exceeds the {positions} positions of {role} "

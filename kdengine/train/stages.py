@@ -54,9 +54,9 @@ def unfinished_checkpoints(output_dir: str) -> list[str]:
     for root, dirs, _ in os.walk(output_dir):
         dirs[:] = [d for d in dirs if not d.startswith((checkpoint.PREFIX, TMP_PREFIX))]
         latest = checkpoint.latest_checkpoint(root)
-        parent, name = os.path.split(root)
-        finished = stage_done(os.path.join(os.path.dirname(parent), name)) if os.path.basename(parent) == STAGES_DIR \
-            else os.path.isfile(os.path.join(root, "train_results.json"))
+        parts = os.path.relpath(root, output_dir).split(os.sep)
+        finished = stage_done(os.path.join(output_dir, *parts[:-2], parts[-1])) \
+            if len(parts) >= 2 and parts[-2] == STAGES_DIR else os.path.isfile(os.path.join(root, "train_results.json"))
         if latest is not None and not finished:
             found.append(latest)
     return found

@@ -6,7 +6,8 @@ then backward -> clip -> AdamW step -> warmup + linear-decay (or constant) sched
 optimizer of the stage the method did not update itself; it logs, evaluates and writes atomic
 checkpoints of every module of the stage; ``resume`` restores everything, data position included. The data order of epoch e is a permutation seeded with ``seed + e``, the same
 on every process; accelerate shards it, so N processes with per-device batch B see the batches of
-one process with batch N·B.
+one process with batch N·B. Every stage starts from :func:`seed_stage` (the run seed and the
+stage's name), so its numbers do not depend on which stages ran before it in the process.
 """
 
 from __future__ import annotations

@@ -77,3 +77,19 @@ def test_prune_keeps_the_newest(tmp_path):
         (tmp_path / f"checkpoint-{step}" / checkpoint.STATE_FILE).write_text("{}")
     checkpoint.prune(str(tmp_path), 2)
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [6, 8]
+
+
+def test_unfinished_checkpoints_are_those_of_the_stages_not_finished(tmp_path):
+    from kdengine.train.stages import unfinished_checkpoints  # noqa: PLC0415
+
+    out = tmp_path / "stages" / "run"            # a parent named like the stages directory changes nothing
+    for path in ("checkpoint-2", "stages/experts/checkpoint-4", "stages/teacher/checkpoint-2",
+                 "baselines/no_kd/checkpoint-6", "baselines/vanilla_kd/checkpoint-2", "baselines/vanilla_kd/checkpoint-4",
+                 f"baselines/vanilla_kd/{checkpoint.TMP_PREFIX}6"):
+        (out / path).mkdir(parents=True)
+        (out / path / checkpoint.STATE_FILE).write_text("{}")
+    (out / "teacher").mkdir()
+    (out / "teacher" / "stage_complete.json").write_text("{}")           # the teacher stage finished
+    (out / "baselines" / "no_kd" / "train_results.json").write_text("{}")  # so did the no_kd student
+    assert sorted(os.path.relpath(p, out) for p in unfinished_checkpoints(str(out))) == \
+        ["baselines/vanilla_kd/checkpoint-4", "checkpoint-2", "stages/experts/checkpoint-4"]
