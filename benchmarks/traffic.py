@@ -206,6 +206,19 @@ def fused_experts_traffic(divergence: str, dtype: torch.dtype, *, k: int = 4, we
     return measure(run, n * v * student.element_size(), student=student, experts=experts)
 
 
+def fuse_experts_backward_traffic(space: str, dtype: torch.dtype, *, k: int = 4, n: int = 2, v: int = 4099,
+                                  backend: str = "triton") -> dict[str, float]:
+    """Per-tensor breakdown of ``fuse_experts``' backward alone (entropy weighting), in units of one
+    pass over the [K, N, V] experts: its closed form reads them 0 times in logit space, once in prob."""
+    from kdengine.ops import fuse_experts  # noqa: PLC0415
+
+    experts = torch.stack([_logits(n, v, dtype, 1 + i) for i in range(k)]).requires_grad_()
+    log_probs, _, _ = fuse_experts(experts, weighting="entropy", space=space, temperature=2.0, backend=backend)
+    grad = torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(9))
+    return measure(lambda: log_probs.backward(grad), experts.numel() * experts.element_size(),
+                   experts=experts)[1]
+
+
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "soft_ce", "jsd", "tvd", "mse")
 
 

@@ -4,7 +4,8 @@ For row chunks of C tokens (the full [N, V] logits of neither model ever exist):
 
     z_s = h_s[c] @ W_sᵀ                      fp32 [C, V]  (fp32 accumulation *and* output: the
     z_t = h_t[c] @ W_tᵀ  or  teacher_logits[c]            logits are never rounded to bf16 first,
-                                                          the bug of Liger-Kernel #1432)
+                                                          the bug of Liger-Kernel #1432); given
+                                                          teacher logits as they are (no fp32 copy)
     row_loss[c], g_s, g_t = rows(z_s, z_t)   gradients of Σ row_loss · grad_scale (the kd_loss
                                              rows primitive of the selected backend)
     dh_s[c] = g_s @ W_s        dW_s += g_sᵀ @ h_s[c]   (fp32 accumulator; teacher likewise)
@@ -19,7 +20,8 @@ weighted by its grad_output.
 Matmuls: with fp16/bf16 CUDA tensors, ``torch.mm(..., out_dtype=torch.float32)`` and
 ``torch.addmm(..., out_dtype=torch.float32)`` (torch >= 2.8, cuBLAS with fp32 output) give the
 fp32 logits and the fp32 dW accumulation; the logit gradients enter dh / dW in the hidden
-states' dtype, as in an unfused model. Elsewhere (CPU, fp32, float64) the chunk is upcast to
+states' dtype, as in an unfused model, and the Triton kernel writes them in that dtype directly
+(``grad_dtypes`` of the rows primitive: no fp32 [C, V] gradient). Elsewhere (CPU, fp32, float64) the chunk is upcast to
 the accumulation dtype (fp32, or float64 when an input is float64) and multiplied there.
 """
 

@@ -2,7 +2,7 @@
 
 benchmarks/traffic.py counts every byte the Triton interpreter loads and stores plus the eager ops
 around the kernels, in units of one [N, V] pass of the input dtype; TARGETS holds the design's
-budget per scenario (docs/kernels.md, "Memory traffic"). The per-row statistics ([N, 11] fp32) and
+budget per scenario (docs/kernels.md, "Memory traffic"). The per-row statistics ([N, 16] fp32) and
 the N-sized reductions add O(1/V) of a unit (≈ 0.01 at V = 4099), hence the slack.
 """
 
@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.traffic import DIVERGENCE_NAMES, TARGETS, fused_experts_traffic, kd_loss_traffic
+from benchmarks.traffic import (
+    DIVERGENCE_NAMES,
+    TARGETS,
+    fuse_experts_backward_traffic,
+    fused_experts_traffic,
+    kd_loss_traffic,
+)
 from tests.conftest import require_backend
 
 pytestmark = [pytest.mark.triton,
@@ -62,3 +68,12 @@ def test_fused_experts_traffic(weighting, dtype):
     units, parts = fused_experts_traffic("forward_kl", dtype, weighting=weighting)
     assert units <= TARGETS[(f"fused_experts_kd_loss K=4 logit {weighting}", "forward_kl")] + SLACK, (units, parts)
     assert parts["other write"] <= 1 + SLACK, parts
+
+
+@pytest.mark.parametrize("space, expert_reads", [("logit", 0.0), ("prob", 1.0)])
+def test_fuse_experts_backward_traffic(space, expert_reads):
+    """fuse_experts' backward is closed-form from α and the saved log-probs: in logit space it never
+    reads the experts (a chunked autograd recompute read them and rebuilt the fusion), in prob space
+    once (p_k)."""
+    parts = fuse_experts_backward_traffic(space, torch.bfloat16)
+    assert parts.get("experts read", 0.0) == pytest.approx(expert_reads, abs=SLACK), parts
