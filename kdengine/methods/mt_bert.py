@@ -400,7 +400,7 @@ class MTBERT(VanillaKD):
         for row, chunks in preds.items():
             metrics = compute_metrics(ctx.task, torch.cat(chunks).numpy(), references, ctx.label_names)
             report[row] = {"eval_loss": float(torch.cat(losses[row]).mean()),
-                           **{f"eval_{k}": v for k, v in metrics.items()}}
+                           **{f"eval_{k}": v for k, v in metrics.items()}, "eval_samples": len(references)}
         return report
 
     def teacher_report(self) -> dict:

@@ -250,3 +250,26 @@ def test_a_student_without_hidden_states_is_refused(tmp_path, two_teachers):
     # Without the hidden loss the same student is fine.
     method, student, _ = _method(tmp_path, [big, small], student_dir, "--hidden_weight", "0")
     assert isinstance(method.build_stage(CO_FINETUNE, LogitsOnly(student)), Stage)
+
+
+@pytest.mark.slow
+def test_two_processes_run_every_stage(tmp_path, two_teachers):
+    """torchrun --nproc_per_node 2 (gloo): co-finetuning of two teachers of different widths, both
+    students and the gathered evaluations of the co-finetuned teachers and the averaged-logits student."""
+    import subprocess
+
+    from tests.train import PYTHON, REPO, subprocess_env
+
+    big, small, student = two_teachers
+    out = tmp_path / "two"
+    flags = small_args(out, method="mt_bert", per_device_train_batch_size=8, teacher_model_name_or_path=f"{big},{small}",
+                       model_name_or_path=student)
+    done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                           "-m", "kdengine.train", *flags],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes=2" in done.stdout
+    report = read_json(out / "teacher_results.json")
+    assert report["co_finetuned_teacher_1"]["eval_samples"] == report["mean_logits_student"]["eval_samples"] == 32
+    assert read_json(out / "eval_results.json")["eval_samples"] == 32
+    assert set(load_file(out / "modules" / "projections.safetensors")) >= {"maps.0.0.weight", "maps.1.1.weight"}
