@@ -11,6 +11,7 @@ from kdengine.config import parse_args
 from kdengine.methods.base import STUDENT, Method, OptimizerSpec, Stage
 from kdengine.models import model_inputs
 from kdengine.train.stages import check_stage_names
+from kdengine.train.state_file import SUFFIX
 from kdengine.train.teacher import context
 from kdengine.train.trainer import Trainer, make_accelerator
 from tests.train import small_args, tiny_task
@@ -72,7 +73,7 @@ def test_teacher_side_optimizer_first_then_the_student(tmp_path):
     assert set(trainer.schedulers["student"].get_last_lr()) == {0.0}                # linear decay to 0
     assert any(not torch.equal(start[k], v) for k, v in student.state_dict().items())
     assert stage.modules["prompt"].offset.abs().sum() > 0
-    for name in ("prompt.safetensors", "optimizer_prompt.pt", "scheduler_prompt.pt", "model.safetensors"):
+    for name in ("prompt.safetensors", f"optimizer_prompt{SUFFIX}", f"scheduler_prompt{SUFFIX}", "model.safetensors"):
         assert (out / "checkpoint-3" / name).is_file(), name
     with pytest.raises(ValueError, match="stage 'student' has no optimizer 'nope'"):
         trainer.step_context.update(torch.zeros((), requires_grad=True), "nope")
