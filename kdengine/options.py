@@ -199,6 +199,9 @@ class TrainConfig:
     teacher_num_train_epochs: float = option(3.0, "epochs of the teacher fine-tuning stage")
     teacher_learning_rate: float = option(5e-5, "peak learning rate of the teacher fine-tuning stage (linear decay "
                                                 "after warmup)")
+    teacher_cache: str | None = option(None, "distil from this offline teacher cache (python -m "
+                                             "kdengine.cache_teacher) instead of running the teacher, which is "
+                                             "then never loaded")
     teacher_min_margin: float = option(0.01, "the fine-tuned teacher must beat the majority-class baseline on the "
                                              "validation metric by this much, or the run stops before distilling "
                                              "(a negative value disables the check)")

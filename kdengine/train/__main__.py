@@ -151,6 +151,7 @@ class RunPlan:
     resume: str | None
     replace_output_dir: bool
     tiny_build: str | None = None     # tiny models built in a temporary directory, moved into output_dir/tiny_models
+    teacher_cache: object = None      # kdengine.teacher_cache.TeacherCache of --teacher_cache (checked against the run)
 
 
 def load_inputs(cfg: TrainConfig, log, scratch: str) -> tuple[TaskInputs, list[str], str | None, bool, str | None]:
@@ -269,16 +270,21 @@ def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
     check_precision(cfg)
     inputs, teacher_srcs, student_src, tiny, tiny_build = load_inputs(cfg, log, scratch)
     plan = RunPlan(inputs, teacher_srcs, student_src, tiny, resume, replace_output_dir, tiny_build)
+    if cfg.teacher_cache is not None:
+        from kdengine.teacher_cache import open_for_run  # noqa: PLC0415
+
+        plan.teacher_cache = open_for_run(cfg, inputs, student_src)
     check_stage_inputs(cfg, plan)
     return plan
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, after_method_stages=None) -> dict:
     """Run the configured stages; returns {method: {"eval": ..., "train": ...}} of the students.
 
     Validation (:func:`validate_run`) comes first and writes nothing: a run refused there leaves
     output_dir as it found it. Only then is output_dir created (or replaced, with
-    overwrite_output_dir) and config.yaml written."""
+    overwrite_output_dir) and config.yaml written. ``after_method_stages(method)``, when given, replaces
+    each student's stages once its method stages are done (kdengine.cache_teacher)."""
     import tempfile  # noqa: PLC0415
 
     from accelerate.state import PartialState  # noqa: PLC0415
@@ -315,6 +321,8 @@ def run(cfg: TrainConfig) -> dict:
     inputs, teacher_srcs, student_src, tiny, stages = (plan.inputs, plan.teacher_srcs, plan.student_src, plan.tiny,
                                                        cfg.stage_list())
     needs_teacher = needs_teachers(methods, student_src)
+    if plan.teacher_cache is not None:  # the cache is the teacher side: no teacher is prepared or loaded
+        needs_teacher = False
     teacher_paths = []
     for index, source in enumerate(teacher_srcs if needs_teacher else []):
         name = teacher_name(index)
@@ -343,7 +351,8 @@ def run(cfg: TrainConfig) -> dict:
             run_resume = checkpoint.resolve_resume("last", run_dir) if cfg.resume_from_checkpoint else None
         results[name] = run_student(run_cfg, resolve_method(name), inputs, teacher_paths=teacher_paths,
                                     teacher_sources=teacher_srcs, teacher_results=teacher_results,
-                                    student_src=student_src, resume=run_resume, log=log)
+                                    student_src=student_src, resume=run_resume, log=log,
+                                    teacher_cache=plan.teacher_cache, after_method_stages=after_method_stages)
     if "evaluate" in stages and state.is_main_process:
         finish_comparison(cfg, teacher_results, results, log=log)
     state.wait_for_everyone()
@@ -351,7 +360,7 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_paths, teacher_sources, teacher_results,
-                student_src, resume, log) -> dict:
+                student_src, resume, log, teacher_cache=None, after_method_stages=None) -> dict:
     """The method's stages (its own, then the student's) and the evaluate stage of one student in
     ``cfg.output_dir``. ``teacher_paths``: the task-trained teachers; ``teacher_results``: their
     validation rows {name: results}."""
@@ -377,6 +386,10 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
     teacher = loaded[0] if loaded else None       # the first: student_num_layers, the logit plot
     method = method_cls(context(cfg, accelerator, inputs, run_dir, teachers=loaded if method_cls.uses_teacher else [],
                                 log=log, teacher_sources=teacher_sources))
+    if teacher_cache is not None:
+        from kdengine.teacher_cache import attach  # noqa: PLC0415
+
+        attach(method, teacher_cache)
     train_results = read_json(os.path.join(run_dir, "train_results.json"))
     trained_student = train_results is not None
     if not {"method", "student", "evaluate"} & set(stages):
@@ -395,6 +408,8 @@ def run_student(cfg: TrainConfig, method_cls, inputs: TaskInputs, *, teacher_pat
         models.check_pair(each, student, cfg.task)
     for name in method.stages[:-1]:
         run_method_stage(cfg, method, name, student, log=log)
+    if after_method_stages is not None:
+        return after_method_stages(method)
     trainer = None
     if "student" in stages and not trained_student:
         seed_stage(cfg.seed, f"{cfg.method}:{STUDENT}")
