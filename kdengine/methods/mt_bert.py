@@ -342,6 +342,11 @@ class MTBERT(VanillaKD):
                          opts.co_finetune_learning_rate or args.teacher_learning_rate,
                          opts.co_finetune_num_train_epochs, evaluate=False)
         stage = super().build_stage(name, student)
+        if opts.teacher_fusion == "confidence":
+            path = ("one fused_experts_kd_loss call (probability mixture with given per-row weights)"
+                    if opts.kd_divergence == "soft_ce" else f"one kd_loss per teacher ({opts.kd_divergence})")
+            ctx.log(f"[mt_bert] student: {len(self.sources)} co-finetuned teachers weighted by "
+                    f"{opts.teacher_confidence} through {path}; layer maps {self.layer_maps}")
         if self.layer_maps is not None:
             projections = LayerProjections(self.sizes[0], self.sizes[1], self.layer_maps)
             stage.modules["projections"] = projections.to(ctx.device)
