@@ -26,6 +26,8 @@ Returns a fp32 scalar, or fp32 rows shaped like the leading dimensions with ``re
 ``hidden_state_loss`` is the feature term of multi-layer distillation (MT-BERT's multi-teacher
 hidden loss, TinyBERT-style layer matching): student layers mapped to teacher layers, each through
 its learned projection, compared by MSE or cosine distance over the real (unpadded) tokens.
+``attention_score_loss`` is the attention term (TinyBERT, Meta-KD stage 1): the MSE of pre-softmax
+attention scores of mapped layers over the real (query, key) pairs, masked entries (−inf) zeroed.
 
 Example::
 
@@ -209,3 +211,60 @@ def hidden_state_loss(student_hidden_states, teacher_hidden_states, layer_map, p
             per_token = 1.0 - torch.nn.functional.cosine_similarity(projected, target, dim=-1, eps=1e-8)
         total = total + (per_token * mask).sum() / tokens
     return total
+
+
+def attention_score_loss(student_scores, teacher_scores, layer_map, attention_mask: torch.Tensor | None = None,
+                         masked_at: float = -100.0, reduction: str = "mean") -> torch.Tensor:
+    """Σ over the pairs (s, t) of ``layer_map`` of the mean squared difference between the student's
+    attention scores of layer s and the teacher's of layer t (TinyBERT's attention loss, Meta-KD's
+    stage 1), per example over its heads and real (query, key) pairs.
+
+    Args:
+        student_scores: the student's PRE-softmax scores per layer, a sequence whose entry j − 1 is
+            layer j (as transformers' ``attentions``), each [B, heads, L, L].
+        teacher_scores: the teacher's, each [B, heads, L, L] (same B, heads and L).
+        layer_map: pairs ``(student_layer, teacher_layer)``, layers numbered from 1.
+        attention_mask: [B, L], 1 on real tokens, 0 on padding; a (query, key) pair counts when both
+            are real (None: all L × L pairs count).
+        masked_at: entries ``<= masked_at`` (an additive padding mask: −10000, the dtype's minimum,
+            −inf) are set to 0, on each side separately, before the difference (the TinyBERT
+            convention; they would otherwise dominate or make the loss inf/NaN).
+        reduction: ``mean`` (over examples) or ``none`` ([B], one loss per example, e.g. to weight).
+
+    Returns:
+        a scalar or [B] in the accumulation dtype (fp32; float64 for float64 inputs); gradients
+        reach the student scores (the teacher's are targets, detached).
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; expected mean or none")
+    pairs = [tuple(pair) for pair in layer_map]
+    if not pairs:
+        raise ValueError("layer_map is empty: expected at least one (student_layer, teacher_layer) pair")
+    for side, scores, index in (("student", student_scores, 0), ("teacher", teacher_scores, 1)):
+        for pair in pairs:
+            if not 1 <= pair[index] <= len(scores):
+                raise ValueError(f"layer_map pair {pair} names {side} attention layer {pair[index]}, but the "
+                                 f"{side} has attention layers 1..{len(scores)}")
+    first = student_scores[pairs[0][0] - 1]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    batch, _, length, _ = first.shape
+    if attention_mask is None:
+        mask = torch.ones(batch, length, dtype=dtype, device=first.device)
+    else:
+        if tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be [B, L] = {(batch, length)} of "
+                             f"the scores")
+        mask = attention_mask.to(dtype)
+    pair_mask = mask[:, None, :, None] * mask[:, None, None, :]          # [B, 1, L, L]
+    total = torch.zeros(batch, dtype=dtype, device=first.device)
+    for s, t in pairs:
+        student = student_scores[s - 1].to(dtype)
+        target = teacher_scores[t - 1].detach().to(dtype)
+        if student.shape != target.shape:
+            raise ValueError(f"layer pair {(s, t)}: student scores {tuple(student.shape)} and teacher scores "
+                             f"{tuple(target.shape)} differ; both must be [B, heads, L, L] with the same heads")
+        student = torch.where(student <= masked_at, torch.zeros((), dtype=dtype, device=student.device), student)
+        target = torch.where(target <= masked_at, torch.zeros((), dtype=dtype, device=target.device), target)
+        squared = (student - target).pow(2) * pair_mask
+        total = total + squared.sum((1, 2, 3)) / (pair_mask.sum((1, 2, 3)) * student.shape[1]).clamp_min(1.0)
+    return total if reduction == "none" else total.mean()

@@ -167,3 +167,72 @@ def test_hidden_state_loss_bad_calls_raise_value_error(kwargs, match):
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         kdengine.losses.hidden_state_loss(**call)
+
+
+# ---------------------------------------------------------------- attention_score_loss
+
+def _attention_reference(student, teacher, pairs, mask):
+    """Per example, loop by loop in float64: Σ_pairs mean over heads and real (q, k) of (s − t)², entries
+    <= −100 zeroed on each side."""
+    batch, heads, length, _ = student[0].shape
+    out = []
+    for b in range(batch):
+        total = 0.0
+        for s, t in pairs:
+            acc, count = 0.0, 0
+            for h in range(heads):
+                for q in range(length):
+                    for k in range(length):
+                        if mask[b, q] and mask[b, k]:
+                            x, y = float(student[s - 1][b, h, q, k]), float(teacher[t - 1][b, h, q, k])
+                            x, y = (0.0 if x <= -100 else x), (0.0 if y <= -100 else y)
+                            acc += (x - y) ** 2
+                            count += 1
+            total += acc / count
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_attention_score_loss_matches_a_float64_reference_with_layer_maps_padding_and_minus_inf():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    student = [torch.randn(2, 2, 4, 4, dtype=torch.float64) * 3 for _ in range(2)]
+    teacher = [torch.randn(2, 2, 4, 4, dtype=torch.float64) * 3 for _ in range(6)]
+    for scores in (*student, *teacher):                 # padded keys as an additive mask would leave them
+        scores.masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
+    student[1][0, 1, 0, 2] = float("-inf")              # a masked real pair on the student side only
+    teacher[5][1, 0, 1, 1] = -1e4
+    pairs = [(1, 3), (2, 6)]
+    want = _attention_reference(student, teacher, pairs, mask)
+    leaves = [s.clone().requires_grad_() for s in student]
+    rows = kdengine.losses.attention_score_loss(leaves, teacher, pairs, attention_mask=mask, reduction="none")
+    assert rows.dtype == torch.float64
+    assert_close(rows, want, torch.float64)
+    mean = kdengine.losses.attention_score_loss(leaves, teacher, pairs, attention_mask=mask)
+    assert_close(mean, want.mean(), torch.float64)
+    mean.backward()
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves)
+    assert leaves[1].grad[0, 1, 0, 2] == 0 and leaves[0].grad[0, :, :, 3].abs().sum() == 0
+
+
+def test_attention_score_loss_without_a_mask_averages_every_pair():
+    torch.manual_seed(1)
+    student, teacher = [torch.randn(3, 2, 5, 5)], [torch.randn(3, 2, 5, 5)]
+    loss = kdengine.losses.attention_score_loss(student, teacher, [(1, 1)])
+    assert_close(loss, (student[0] - teacher[0]).pow(2).mean(), torch.float32)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layer_map=[(3, 1)]), r"names student attention layer 3, but the student has attention layers 1..2"),
+    (dict(layer_map=[(1, 0)]), r"names teacher attention layer 0, but the teacher has attention layers 1..4"),
+    (dict(layer_map=[]), "layer_map is empty"),
+    (dict(reduction="sum"), "unknown reduction 'sum'"),
+    (dict(attention_mask=torch.ones(2, 4)), r"attention_mask \(2, 4\) must be \[B, L\] = \(2, 3\)"),
+    (dict(teacher_scores=[torch.randn(2, 4, 3, 3)] * 4), "differ; both must be"),
+])
+def test_attention_score_loss_bad_calls_raise_value_error(kwargs, match):
+    call = dict(student_scores=[torch.randn(2, 2, 3, 3)] * 2, teacher_scores=[torch.randn(2, 2, 3, 3)] * 4,
+                layer_map=[(1, 2)])
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kdengine.losses.attention_score_loss(**call)
