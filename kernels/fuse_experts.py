@@ -34,6 +34,10 @@ dropped):
 
 (ρ_k <= 1/α_k, so the prob-space form never divides by a vanishing p̄.) Everything written is the
 gradient of Σ_rows row_loss · grad_scale; grad_scale is read from a 0-d device tensor (no host sync).
+
+The last forward pass over experts and student (1b when D is online, else 2) counts their NaN /
++inf logits (every expert, α_k = 0 included); a row with any gets a NaN loss and NaN gradients
+(``divergence.poison``, kept in the statistics), and ``fuse_experts`` NaN log-probs.
 """
 
 from __future__ import annotations
@@ -466,9 +470,9 @@ def _fused_experts_kd_bwd_kernel(
     if HAS_ROW_W:
         w = w * tl.load(row_w_ptr + row).to(tl.float32)
     nan_row = tl.load(stats_row + _S_POISON)  # a NaN / +inf logit: NaN gradients, like the NaN loss
-    bad_label = nan_row
+    nan_student = nan_row
     if HARD:
-        bad_label += tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
+        nan_student += tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
     alpha = tl.load(alpha_ptr + row * K + k_offs, mask=k_real, other=0.0)
     lse_s = (tl.load(stats_row + _S_M_S), tl.load(stats_row + _S_LS_S))
     lse_1 = tl.load(stats_row + _S_L_1)
@@ -498,7 +502,7 @@ def _fused_experts_kd_bwd_kernel(
                 g_s = coef_s * tvd_student_grad(a2, b2, tvd)
             else:
                 g_s = coef_s * (sigma - tl.exp2(b2) * sum_sig)
-            g_s += bad_label
+            g_s += nan_student
             if HARD:
                 g_s += hard_weight * (tl.exp2(s * c1 - lse_1) - tl.where(offs == label, 1.0, 0.0))
             tl.store(gs_row + offs, tl.where(valid, w * g_s, 0.0).to(gs_row.dtype.element_ty), mask=offs < V)

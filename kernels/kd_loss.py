@@ -16,6 +16,9 @@ Forward (``_kd_loss_fwd_kernel``), passes over the row (constexpr flags compile 
    with the same rescaling, so their loss needs this pass only.
 2. jsd / tvd / mse only: D and the row sums their gradients need.
 
+The first pass that reads both rows also counts their NaN / +inf logits; a row with any gets a NaN
+loss and NaN gradients (``divergence.poison``, kept in the statistics).
+
 Backward (``_kd_loss_bwd_kernel``): one pass writing dL/ds and/or dL/dt from the statistics.
 
 Traffic in units of one [N, V] pass of the input dtype (student gradient only; each extra
@@ -253,9 +256,9 @@ def _kd_loss_bwd_kernel(s_ptr, t_ptr, labels_ptr, weights_ptr, scale_ptr, stride
     # A NaN / +inf logit in the row: NaN gradients for the row, like its NaN loss.
     nan_row = tl.load(stats_row + _POISON)
     # A hard label outside [0, V): NaN student gradients for the row, like its NaN loss.
-    bad_label = nan_row
+    nan_student = nan_row
     if HARD:
-        bad_label += tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
+        nan_student += tl.where(valid & ((label < 0) | (label >= V)), float("nan"), 0.0)
     for start in range(0, V, BLOCK):
         offs = start + cols
         in_v = offs < V
@@ -274,7 +277,7 @@ def _kd_loss_bwd_kernel(s_ptr, t_ptr, labels_ptr, weights_ptr, scale_ptr, stride
             g_s = sigma - tl.exp2(b2) * sum_sigma
             g_t = r - tl.exp2(a2) * sum_r
         if GRAD_S:
-            g_s = k_soft * g_s + bad_label
+            g_s = k_soft * g_s + nan_student
             if HARD:
                 if OWN_T1:
                     q1 = tl.exp2(s * LOG2E - l_1)
