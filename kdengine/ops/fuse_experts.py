@@ -272,7 +272,8 @@ def fuse_experts(expert_logits: torch.Tensor, *, weighting: str = "entropy", spa
 
     Returns:
         (log_probs [N, V], alpha [N, K], entropy [N, K]), fp32 (float64 when the logits are).
-        Columns that are −inf in the experts stay −inf.
+        Columns that are −inf in the experts stay −inf; a row with a NaN or +inf logit in any
+        expert has NaN log-probs.
     """
     k, n, v = check_expert_logits(expert_logits)
     temperature, sharpness = check_fusion_options(weighting, space, temperature, sharpness)
@@ -387,7 +388,9 @@ def fused_experts_kd_loss(student_logits: torch.Tensor, expert_logits: torch.Ten
             space dL/dz_k = α_k · dL/dz̄; in prob space through each p_k (α is a constant).
 
     Returns:
-        fp32 scalar, or fp32 [N] with ``reduction="none"`` (float64 when an input is float64).
+        fp32 scalar, or fp32 [N] with ``reduction="none"`` (float64 when an input is float64). A NaN
+        or +inf logit in the student or in any expert (α_k = 0 included) makes the row's loss and
+        gradients NaN, as in ``kd_loss``.
     """
     k, n, v = check_expert_logits(expert_logits)
     check_student(student_logits, expert_logits)

@@ -333,6 +333,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, diver
 
     Returns:
         fp32 scalar, or fp32 [N] with ``reduction="none"`` (float64 when an input is float64).
+        −inf logits are masked columns; a NaN or +inf logit makes its row's loss and gradients NaN
+        on every backend (never hidden as a masked column), unless the row is ignored.
     """
     check_logits_pair(student_logits, teacher_logits)
     spec = make_spec(divergence=divergence, temperature=temperature, t2_scale=t2_scale, jsd_beta=jsd_beta,

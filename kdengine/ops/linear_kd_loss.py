@@ -350,7 +350,9 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     Returns:
         fp32 scalar, or fp32 [N] with ``reduction="none"`` (float64 when an input is float64).
         Gradients: student_hidden and teacher_hidden in their dtype; the weights' gradients are
-        accumulated in fp32 and returned in the weights' dtype.
+        accumulated in fp32 and returned in the weights' dtype. A NaN or +inf in a row's logits
+        (from the teacher logits, or either model's hidden states or weights) makes that row's
+        loss and gradients NaN, as in ``kd_loss``.
 
     Backward can run once per forward (the gradients are computed in the forward and scaled in
     place), except with ``reduction="none"``, whose backward recomputes the chunks.

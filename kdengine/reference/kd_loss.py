@@ -186,6 +186,11 @@ def nonfinite_poison(*logits: torch.Tensor, rows: torch.Tensor | None = None) ->
     (ignored rows stay exactly 0). Leading dimensions (the experts of a [K, N, V] tensor) are
     folded in.
     """
+    n_rows = logits[0].shape[-2]
+    # The common case in one reduction per tensor (a host sync, as _all_finite): max is NaN or +inf
+    # exactly when some value is.
+    if all(x.numel() == 0 or bool(x.amax() < math.inf) for x in logits):
+        return torch.zeros(n_rows, dtype=logits[0].dtype, device=logits[0].device)
     bad = None  # [N, 1]: the row holds a NaN or +inf in any input
     for x in logits:
         row_bad = (torch.isnan(x) | (x == math.inf)).any(-1, keepdim=True)
@@ -194,8 +199,6 @@ def nonfinite_poison(*logits: torch.Tensor, rows: torch.Tensor | None = None) ->
         bad = row_bad if bad is None else bad | row_bad
     if rows is not None:
         bad = bad & rows.unsqueeze(-1)
-    if not bool(bad.any()):  # the common case: nothing to add (a host sync, as _all_finite)
-        return torch.zeros(bad.shape[0], dtype=logits[0].dtype, device=bad.device)
     total = 0.0
     for x in logits:
         # Both factors are zero on good rows, value and gradient (x · NaN in a where would send
