@@ -252,6 +252,7 @@ def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
     backends, precision, data, labels, models' limits, stage inputs); writes nothing but tiny models
     into ``scratch``."""
     from kdengine.methods import resolve_method  # noqa: PLC0415
+    from kdengine.methods.base import STUDENT  # noqa: PLC0415
     from kdengine.train import checkpoint  # noqa: PLC0415
     from kdengine.train.stages import check_stage_names, unfinished_checkpoints  # noqa: PLC0415
 
@@ -260,7 +261,7 @@ def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
     resume = None if replace_output_dir else checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if cfg.resume_from_checkpoint is not None and not replace_output_dir:
         for directory in {resume, *unfinished_checkpoints(cfg.output_dir)} - {None}:
-            checkpoint.verify(directory)
+            checkpoint.verify(directory, STUDENT if directory == resume else None)
     method_cls = resolve_method(cfg.method)
     check_stage_names(method_cls.stage_names(cfg.options), cfg.method)
     if cfg.task not in method_cls.tasks:

@@ -144,14 +144,19 @@ def prune(output_dir: str, limit: int | None, *, keep: str | None = None) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
-def verify(directory: str) -> None:
+def verify(directory: str, stage: str | None = None) -> None:
     """Check, before any work, that every file of the checkpoint ``directory`` parses (JSON, the
-    safetensors headers, the state structures) without loading its tensors; ValueError naming the
-    first that does not. :func:`load_checkpoint` then checks that they fit the stage."""
+    safetensors headers, the state structures) without loading its tensors, and that it is one of
+    ``stage`` when given; ValueError naming the first that does not. :func:`load_checkpoint` then
+    checks that they fit the stage."""
     from safetensors import safe_open  # noqa: PLC0415
 
     _refuse_pickled(directory)
-    read_json(os.path.join(directory, STATE_FILE))
+    state = read_json(os.path.join(directory, STATE_FILE))
+    if stage is not None and (not isinstance(state, dict) or state.get("stage") != stage):
+        found = state.get("stage") if isinstance(state, dict) else None
+        raise ValueError(f"{directory} is a checkpoint of the stage {found!r}, not of {stage!r}; "
+                         f"resume_from_checkpoint=<path> continues the {stage} stage ('last' continues every stage)")
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if name.endswith(SUFFIX):
@@ -199,6 +204,8 @@ def read_state(directory: str, template: dict) -> dict:
         if value is KeyError or isinstance(value, bool) != isinstance(fresh, bool) or not isinstance(value, kinds):
             raise ValueError(f"{path}: {key!r} is {'missing' if value is KeyError else repr(value)[:40]}, expected "
                              f"{' or '.join(k.__name__ for k in kinds)}; the checkpoint is damaged")
+    if state["stage"] != template["stage"]:
+        raise ValueError(f"{directory} is a checkpoint of the stage {state['stage']!r}, not of {template['stage']!r}")
     window = state.get("window", {"loss": 0.0, "n": 0, "logs": {}})
     if not (isinstance(window, dict) and isinstance(window.get("loss"), (int, float))
             and isinstance(window.get("n"), int) and isinstance(window.get("logs"), dict)

@@ -166,7 +166,8 @@ class Trainer:
         self.scheduler = self.schedulers[specs[0].name]
         self.step_context = _Step(self)
         self.metrics_log = MetricsLog(accelerator, run_dir)
-        self.state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "total_steps": self.total_steps,
+        self.state = {"stage": stage.name, "global_step": 0, "epoch": 0, "batch_in_epoch": 0,
+                      "total_steps": self.total_steps,
                       "best_metric": None, "best_step": None, "metric_for_best_model": f"eval_{self.metric}",
                       "loss_sum": 0.0, "loss_count": 0, "train_runtime": 0.0, "train_samples": 0,
                       "log_history": []}

@@ -94,6 +94,14 @@ def _truncate(name):
     return damage
 
 
+def _other_stage(directory):
+    path = os.path.join(directory, checkpoint.STATE_FILE)
+    with open(path) as fh:
+        state = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**state, "stage": "experts"}, fh)
+
+
 def _pickled_layout(directory):
     for name in os.listdir(directory):
         if name.endswith(".state.safetensors"):
@@ -177,6 +185,10 @@ CASES = {
         _run_copy(a, o, _truncate("trainer_state.json"))
         and dict(method="no_kd", save_strategy="steps", save_steps=2, resume_from_checkpoint="last"),
         r"trainer_state.json is not readable JSON"),
+    "resume from another stage's checkpoint": lambda a, o: (
+        _run_copy(a, o, _other_stage) and dict(method="no_kd", save_strategy="steps", save_steps=2,
+                                               resume_from_checkpoint=checkpoint.latest_checkpoint(str(o))),
+        r"is a checkpoint of the stage 'experts', not of 'student'"),
     "resume from a pickled checkpoint": lambda a, o: (
         _run_copy(a, o, _pickled_layout) and dict(method="no_kd", save_strategy="steps", save_steps=2,
                                                   resume_from_checkpoint="last"),

@@ -1,6 +1,7 @@
 """Resume unpickles nothing: a payload planted in any file of a checkpoint never runs; resume either
 ignores the file or refuses it with a ValueError naming it (exit code 2 from the command line)."""
 
+import json
 import os
 import shutil
 
@@ -130,7 +131,8 @@ def test_damaged_files_are_clear_errors(damage, trained, tmp_path):
         save_state({"state": {}, "param_groups": []}, str(copy / "optimizer.state.safetensors"))
         expected = "optimizer.state.safetensors does not fit this stage's optimizer"
     else:
-        (copy / "trainer_state.json").write_text('{"global_step": "four"}')
+        state = json.loads((copy / "trainer_state.json").read_text())
+        (copy / "trainer_state.json").write_text(json.dumps({**state, "global_step": "four"}))
         expected = "trainer_state.json: 'global_step' is 'four', expected int"
     with pytest.raises(ValueError, match=expected.replace(".", r"\.")):
         _load(trainer, fresh, str(copy))
