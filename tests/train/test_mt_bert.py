@@ -5,14 +5,17 @@ stopped before MT-BERT trains anything."""
 
 import math
 import os
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from kdengine import models
 from kdengine.config import parse_args
 from kdengine.data.synthetic import LABEL_NAMES, synthetic_vocab
 from kdengine.methods.base import Stage
+from kdengine.options import ConfigError
 from kdengine.methods.mt_bert import (CO_FINETUNE, MTBERT, CoFinetunedTeachers, multi_teacher_kd_loss,
                                       teacher_confidence_weights)
 from kdengine.reference.kd_loss import kd_loss_reference
@@ -21,7 +24,7 @@ from kdengine.train.__main__ import main
 from kdengine.train.teacher import context
 from kdengine.train.trainer import make_accelerator
 from tests.tolerances import assert_close
-from tests.train import metrics_rows, read_json, small_args, tiny_task
+from tests.train import PYTHON, REPO, metrics_rows, read_json, small_args, subprocess_env, tiny_task
 
 SMALL = dict(method="mt_bert", save_strategy="steps", save_steps=2, save_total_limit=None)
 
@@ -81,8 +84,6 @@ def _method(tmp_path, teachers, student_dir, *flags):
                       "--report_to", "none", *flags])
     _, student, inputs = tiny_task(tmp_path / "task", cfg)
     accelerator = make_accelerator(cfg, str(tmp_path / "run"))
-    from kdengine import models
-
     loaded = [models.freeze(models.load_for_task(t, cfg.task, LABEL_NAMES, what="teacher")[0]) for t in teachers]
     ctx = context(cfg, accelerator, inputs, str(tmp_path / "run"), teachers=loaded, teacher_sources=teachers,
                   log=lambda _: None)
@@ -225,15 +226,11 @@ def test_a_layer_map_naming_a_missing_layer_is_refused(tmp_path, capsys, two_tea
 
 
 def test_bad_layer_map_syntax_is_refused_at_parse_time():
-    from kdengine.options import ConfigError
-
     with pytest.raises(ConfigError, match="layer_map must be 'uniform' or pairs 'student:teacher'"):
         parse_args(["--method", "mt_bert", "--layer_map", "1-2"])
 
 
 def test_a_student_without_hidden_states_is_refused(tmp_path, two_teachers):
-    from kdengine.options import ConfigError
-
     big, small, student_dir = two_teachers
     method, student, _ = _method(tmp_path, [big, small], student_dir)
 
@@ -256,10 +253,6 @@ def test_a_student_without_hidden_states_is_refused(tmp_path, two_teachers):
 def test_two_processes_run_every_stage(tmp_path, two_teachers):
     """torchrun --nproc_per_node 2 (gloo): co-finetuning of two teachers of different widths, both
     students and the gathered evaluations of the co-finetuned teachers and the averaged-logits student."""
-    import subprocess
-
-    from tests.train import PYTHON, REPO, subprocess_env
-
     big, small, student = two_teachers
     out = tmp_path / "two"
     flags = small_args(out, method="mt_bert", per_device_train_batch_size=8, teacher_model_name_or_path=f"{big},{small}",
