@@ -7,8 +7,8 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -341,17 +341,27 @@ def test_a_refused_run_creates_no_output_dir(name, assets, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
-def test_an_output_dir_that_cannot_be_written(tmp_path, capsys):
-    parent = tmp_path / "locked"
-    parent.mkdir()
-    parent.chmod(stat.S_IRUSR | stat.S_IXUSR)
+def test_an_output_dir_that_cannot_be_written():
+    """Run by a user who cannot write the parent (root writes anything: the child runs as nobody)."""
+    as_nobody = os.geteuid() == 0
+    if as_nobody and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv to drop to another user")
+    locked = tempfile.mkdtemp(prefix="kdengine-locked-")
+    os.chmod(locked, 0o755 if as_nobody else 0o555)
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
     try:
-        if os.access(parent, os.W_OK):
-            pytest.skip("this user writes read-only directories (root)")
-        _check_cli(small_args(parent / "out"), r"output_dir .* cannot be written: .*locked' is not writable",
-                   str(parent), capsys)
+        out = os.path.join(locked, "out")
+        result = subprocess.run([*prefix, PYTHON, "-m", "kdengine.train", *small_args(out)], cwd=REPO,
+                                env={**subprocess_env(), "HOME": tempfile.gettempdir()}, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"kdengine.train: error: output_dir '{re.escape(out)}' cannot be written: "
+                            rf"'{re.escape(locked)}' is not writable by this user; pass another --output_dir", last)
+        assert "Traceback" not in result.stderr and os.listdir(locked) == []
     finally:
-        parent.chmod(stat.S_IRWXU)
+        os.chmod(locked, 0o755)
+        shutil.rmtree(locked)
 
 
 def test_labels_compare_by_value_whatever_their_spelling(tmp_path):
