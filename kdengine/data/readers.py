@@ -309,6 +309,10 @@ def read_split(
 ) -> RawSplit:
     """Read one local split for ``task`` (CoNLL for token classification, instruction data for
     causal_lm with ``text_column``/``label_column`` as the prompt/response columns, else by extension)."""
+    from kdengine.data import amazon  # noqa: PLC0415 (amazon imports this module)
+
+    if task == "sequence_classification" and amazon.is_amazon_source(path):
+        return amazon.read_amazon_split(path)
     if task == "token_classification":
         return read_conll_file(path)
     if task == "causal_lm":

@@ -17,6 +17,7 @@ REGISTRY = {
     "vanilla_kd": "kdengine.methods.baselines:VanillaKD",
     "pee_kd": "kdengine.methods.pee_kd:PEEKD",
     "mt_bert": "kdengine.methods.mt_bert:MTBERT",
+    "meta_kd": "kdengine.methods.meta_kd:MetaKD",
 }
 
 
