@@ -5,7 +5,6 @@ per-domain table; each of the meta-teacher and distill stages stopped and resume
 reviews reader; bad input stopped before Meta-KD trains anything."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -135,27 +134,31 @@ class Stop(Exception):
     """Raised inside a stage to stop a run as a kill would."""
 
 
-@pytest.mark.parametrize("stage", [META_TEACHER, DISTILL])
-def test_a_run_stopped_mid_stage_resumes_it(stage, embedded_run, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def _stopping_step(stage: str):
+    """MetaKD.training_step, raising Stop at step 3 of ``stage`` (after its checkpoint at step 2)."""
     step = MetaKD.training_step
 
-    def stop_at_step_3(self, context, batch):
+    def stop(self, context, batch):
         if context.stage.name == stage and context.global_step == 3:
             raise Stop
         return step(self, context, batch)
+    return stop
 
-    monkeypatch.setattr(MetaKD, "training_step", stop_at_step_3)
+
+@pytest.mark.parametrize("stage", [META_TEACHER, DISTILL])
+def test_a_run_stopped_mid_stage_resumes_it(stage, embedded_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(MetaKD, "training_step", _stopping_step(stage))
     with pytest.raises(Stop):
         main(small_args(out, **SMALL))
     monkeypatch.undo()
-    assert not (out / stage).exists()
-    assert os.path.isdir(out / "stages" / stage / "checkpoint-2")
+    checkpoints = sorted(path.name for path in (out / "stages" / stage).glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2"] and not (out / stage).exists()
     assert main(small_args(out, **SMALL, resume_from_checkpoint="last")) == 0
-    full = embedded_run
-    for path in (f"stages/{META_TEACHER}/metrics.jsonl", f"stages/{DISTILL}/metrics.jsonl", "metrics.jsonl"):
-        assert metrics_rows(out / path) == metrics_rows(full / path), path
-    assert read_json(out / "eval_results.json") == read_json(full / "eval_results.json")
+    logs = (f"stages/{META_TEACHER}/metrics.jsonl", f"stages/{DISTILL}/metrics.jsonl", "metrics.jsonl")
+    same = {path: metrics_rows(out / path) == metrics_rows(embedded_run / path) for path in logs}
+    assert all(same.values()), same
+    assert read_json(out / "eval_results.json") == read_json(embedded_run / "eval_results.json")
 
 
 # ---------------------------------------------------------------- the Amazon reviews
