@@ -459,13 +459,21 @@ def _save_extra_modules(stage, run_dir: str) -> None:
                 models.save_trainable(module, os.path.join(tmp, f"{name}.safetensors"))
 
 
+def _error(exc: Exception, status: int) -> int:
+    """Print ``exc`` as the one line ``kdengine.train: error: ...`` (a library's multi-line text
+    joined) and return the exit status."""
+    print("kdengine.train: error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()),
+          file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2: bad options or inputs, 1: training diverged)."""
+    """Entry point; returns the exit status: 0 done, 1 the training loss became NaN/inf, 2 bad options or
+    inputs (refused before anything was written, but for a teacher that learned nothing)."""
     try:
         cfg = parse_args(argv)
     except ConfigError as exc:
-        print(f"kdengine.train: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     from kdengine.train.trainer import NonFiniteLossError  # noqa: PLC0415
@@ -473,11 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg)
     except NonFiniteLossError as exc:
-        print(f"kdengine.train: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc, 1)
     except ValueError as exc:
-        print(f"kdengine.train: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
     return 0
 
 
