@@ -153,10 +153,8 @@ def verify(directory: str, stage: str | None = None) -> None:
 
     _refuse_pickled(directory)
     state = read_json(os.path.join(directory, STATE_FILE))
-    if stage is not None and (not isinstance(state, dict) or state.get("stage") != stage):
-        found = state.get("stage") if isinstance(state, dict) else None
-        raise ValueError(f"{directory} is a checkpoint of the stage {found!r}, not of {stage!r}; "
-                         f"resume_from_checkpoint=<path> continues the {stage} stage ('last' continues every stage)")
+    if stage is not None:
+        _check_stage(directory, state, stage)
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if name.endswith(SUFFIX):
@@ -170,6 +168,13 @@ def verify(directory: str, stage: str | None = None) -> None:
                                  f"checkpoint is damaged") from None
         elif name.endswith(".json"):
             read_json(path)
+
+
+def _check_stage(directory: str, state, stage: str) -> None:
+    found = state.get("stage") if isinstance(state, dict) else None
+    if found != stage:
+        raise ValueError(f"{directory} is a checkpoint of the stage {found!r}, not of {stage!r} "
+                         f"(resume_from_checkpoint=<path> continues the student stage; 'last' continues every stage)")
 
 
 def _refuse_pickled(directory: str) -> None:
@@ -204,8 +209,7 @@ def read_state(directory: str, template: dict) -> dict:
         if value is KeyError or isinstance(value, bool) != isinstance(fresh, bool) or not isinstance(value, kinds):
             raise ValueError(f"{path}: {key!r} is {'missing' if value is KeyError else repr(value)[:40]}, expected "
                              f"{' or '.join(k.__name__ for k in kinds)}; the checkpoint is damaged")
-    if state["stage"] != template["stage"]:
-        raise ValueError(f"{directory} is a checkpoint of the stage {state['stage']!r}, not of {template['stage']!r}")
+    _check_stage(directory, state, template["stage"])
     window = state.get("window", {"loss": 0.0, "n": 0, "logs": {}})
     if not (isinstance(window, dict) and isinstance(window.get("loss"), (int, float))
             and isinstance(window.get("n"), int) and isinstance(window.get("logs"), dict)
