@@ -71,7 +71,8 @@ def read_reviews(directory: str) -> tuple[list[dict], list[str]]:
 
 def split_indices(labels: list[str], seed: int = SEED) -> dict[str, list[int]]:
     """{split: example indices}: per label, a seeded permutation; its first 10 % test, the next 10 % of
-    the rest dev, the remaining train (each list sorted)."""
+    the rest dev, the remaining train. Each split is in a seeded random order, so that its first N
+    examples (``max_train_samples``) mix the domains and labels."""
     out = {name: [] for name in SPLITS}
     rng = random.Random(seed)
     for label in sorted(set(labels)):
@@ -82,7 +83,9 @@ def split_indices(labels: list[str], seed: int = SEED) -> dict[str, list[int]]:
         out["test"] += members[:n_test]
         out["dev"] += members[n_test:n_test + n_dev]
         out["train"] += members[n_test + n_dev:]
-    return {name: sorted(ids) for name, ids in out.items()}
+    for ids in out.values():
+        rng.shuffle(ids)
+    return out
 
 
 def read_amazon_split(source: str) -> RawSplit:
