@@ -160,3 +160,45 @@ def test_resume_from_a_planted_checkpoint_exits_2_naming_the_file(tmp_path, caps
     assert last.startswith("kdengine.train: error: ") and "optimizer.state.safetensors" in last
     assert "Traceback" not in err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["experts", "selector"])
+@pytest.mark.parametrize("damage", ["payload", "truncated", "missing key"])
+def test_saved_experts_and_selectors_load_only_their_own_files(kind, damage, tmp_path):
+    """A method stage's output (PEE-KD's experts/, selector/) is JSON + safetensors: a damaged file is a
+    ValueError naming it, a planted payload never runs."""
+    from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415
+
+    from kdengine.experts import PromptExperts  # noqa: PLC0415
+    from kdengine.experts.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: PLC0415
+    from kdengine.methods.selector import SELECTOR_CONFIG, SELECTOR_WEIGHTS, ExpertSelector  # noqa: PLC0415
+
+    def backbone():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=32))
+
+    saved, marker = tmp_path / kind, tmp_path / "ran"
+    if kind == "experts":
+        PromptExperts(backbone(), 2, 2, kind="prefix").save_pretrained(str(saved))
+        config, weights = CONFIG_NAME, WEIGHTS_NAME
+        load = lambda: PromptExperts.from_pretrained(str(saved), backbone())  # noqa: E731
+    else:
+        ExpertSelector(torch.randn(30, 16), 2, 8).save_pretrained(str(saved))
+        config, weights = SELECTOR_CONFIG, SELECTOR_WEIGHTS
+        load = lambda: ExpertSelector.from_pretrained(str(saved))  # noqa: E731
+    load()                                              # the clean directory loads
+    if damage == "payload":
+        _plant(saved / weights, marker)
+        expected = f"{weights} is not a readable safetensors file"
+    elif damage == "truncated":
+        (saved / config).write_text((saved / config).read_text()[:20])
+        expected = f"{config} is not readable JSON"
+    else:
+        values = json.loads((saved / config).read_text())
+        del values["num_experts"]
+        (saved / config).write_text(json.dumps(values))
+        expected = "num_experts"
+    with pytest.raises(ValueError, match=expected.replace(".", r"\.")):
+        load()
+    assert not marker.exists()
