@@ -343,6 +343,16 @@ class MetaKD(VanillaKD):
                                   f"(0 = embeddings)")
         return explicit[0]
 
+    def _capture_attention(self, teacher: nn.Module, student: nn.Module) -> None:
+        """Score hooks of both models (ConfigError without BERT-like attention); head-averaged scores when
+        their head counts differ."""
+        self.captures = (AttentionScores(teacher, "the meta-teacher"), AttentionScores(student, "the student"))
+        heads = {m.config.num_attention_heads for m in (teacher, student)}
+        self.head_mean = len(heads) > 1
+        if self.head_mean:
+            self.ctx.log(f"[meta_kd] the student and the meta-teacher have {sorted(heads)} attention heads: the "
+                         f"attention loss compares their scores averaged over heads")
+
     def _prototype_encoder(self) -> nn.Module:
         source = self.options.prototype_encoder
         if source == "finetuned_teacher":
@@ -401,8 +411,10 @@ class MetaKD(VanillaKD):
                 model = copy.deepcopy(ctx.teacher).train().requires_grad_(True)
             else:
                 model, _ = models.load_for_task(source, ctx.task, ctx.label_names, what="teacher_model_name_or_path")
-            if student is not None:
-                self.layer_map = self._resolve_layer_map(student, model)      # before any Meta-KD work
+            if student is not None:                                         # checks before any Meta-KD work
+                self.layer_map = self._resolve_layer_map(student, model)
+                if opts.attention_weight > 0:
+                    self._capture_attention(model, student)
             self.prototype = self._load_prototypes()
             module = MetaTeacher(model, len(ctx.domain_names), opts.pooling).to(ctx.device)
             return Stage(META_TEACHER, {META_TEACHER: module}, opts.meta_teacher_learning_rate or
@@ -415,14 +427,6 @@ class MetaKD(VanillaKD):
             student.requires_grad_(False)       # stage 1 trains the encoder, not the pooler and classifier
             for part in (student.base_model.embeddings, student.base_model.encoder):
                 part.requires_grad_(True)
-            if opts.attention_weight > 0:
-                self.captures = (AttentionScores(self.meta_teacher.model, "the meta-teacher"),
-                                 AttentionScores(student, "the student"))
-                heads = {m.config.num_attention_heads for m in (self.meta_teacher.model, student)}
-                self.head_mean = len(heads) > 1
-                if self.head_mean:
-                    ctx.log(f"[meta_kd] the student and the meta-teacher have {sorted(heads)} attention heads: the "
-                            f"attention loss compares their scores averaged over heads")
             heads = bert_init(DistillHeads(student.config.hidden_size, self.meta_teacher.model.config.hidden_size,
                                            len(ctx.domain_names), opts.pooling), student.config.initializer_range)
             return Stage(DISTILL, {STUDENT: student, "distill_heads": heads.to(ctx.device)},

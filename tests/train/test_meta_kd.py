@@ -130,6 +130,18 @@ def test_the_embedded_run_writes_every_stage_the_prototypes_and_a_per_domain_tab
     assert "meta_teacher" in read_json(out / "teacher_results.json")
 
 
+def test_the_distillation_stages_train_on_a_fraction_of_the_target_domain_only(tmp_path):
+    from kdengine.data.synthetic import make_synthetic_split
+
+    out = tmp_path / "run"
+    assert main(small_args(out, **SMALL, target_domain="books", target_train_fraction=0.5)) == 0
+    books = sum(ex["domain"] == "books" for ex in make_synthetic_split(42, "train", 96))
+    assert read_json(out / META_TEACHER / "stage_complete.json")["train_samples"] == 96
+    for stage_dir in (out / DISTILL / "stage_complete.json", out / "train_results.json"):
+        assert read_json(stage_dir)["train_samples"] == math.floor(0.5 * books)
+    assert read_json(out / "domain_results.json")["target_domain"] == "books"
+
+
 class Stop(Exception):
     """Raised inside a stage to stop a run as a kill would."""
 
