@@ -174,6 +174,24 @@ def weighted_hidden_loss(projected_states, teacher_states, layer_map, attention_
     return loss * scaled.sum().clamp_min(1.0) / mask.shape[0]
 
 
+def domain_feature_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor:
+    """mean_i ω_i · mean over dims of (fit(R_S) − R_T)² of the features [B, H_T]."""
+    return (weights * (student_feature.float() - teacher_feature.detach().float()).pow(2).mean(-1)).mean()
+
+
+def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    weights: torch.Tensor | None, options: MetaKDOptions,
+                    backend: str | None = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, KD, CE): kd_weight · (1/B) Σ_i ω_i·T²·D(p_T,i, q_i) (``kd_divergence``, soft CE by default;
+    ω = 1 without weights) + hard_weight · CE, through ``kdengine.ops.kd_loss``."""
+    kd = kd_loss(student_logits, teacher_logits.to(student_logits.dtype), divergence=options.kd_divergence,
+                 temperature=options.kd_temperature, jsd_beta=options.jsd_beta, labels=labels, kd_weight=1.0,
+                 hard_weight=0.0, row_weights=weights, ignore_index=IGNORE_INDEX, backend=backend)
+    ce = F.cross_entropy(student_logits.float(), labels)
+    return options.kd_weight * kd + options.hard_weight * ce, kd, ce
+
+
 class AttentionScores:
     """Pre-softmax attention scores of every self-attention layer of a BERT-like encoder.
 
@@ -266,18 +284,21 @@ class MetaTeacher(nn.Module):
 
 class DistillHeads(nn.Module):
     """The student's trainable side of the distill stage: ``fit`` (student width -> teacher width) and
-    the student's own domain branch. ``forward`` maps the student's hidden states through ``fit`` and
-    returns them with fit(W_S(E_S[d] + content_S))."""
+    the student's own domain branch (none when the domain-feature loss is off: no unused parameter
+    under DDP). ``forward`` maps the student's hidden states through ``fit`` and returns them with
+    fit(W_S(E_S[d] + content_S)) (or None)."""
 
-    def __init__(self, student_size: int, teacher_size: int, num_domains: int, pooling: str):
+    def __init__(self, student_size: int, teacher_size: int, num_domains: int, pooling: str, domain_branch: bool):
         super().__init__()
         self.fit = nn.Linear(student_size, teacher_size)
-        self.domain = DomainBranch(num_domains, student_size)
+        self.domain = DomainBranch(num_domains, student_size) if domain_branch else None
         self.pooling = pooling
 
     def forward(self, hidden_states, attention_mask: torch.Tensor, domain: torch.Tensor):
-        content = mean_pool(hidden_states[-1], attention_mask, self.pooling)
-        return [self.fit(h) for h in hidden_states], self.fit(self.domain(content, domain))
+        projected = [self.fit(h) for h in hidden_states]
+        if self.domain is None:
+            return projected, None
+        return projected, self.fit(self.domain(mean_pool(hidden_states[-1], attention_mask, self.pooling), domain))
 
 
 # ---------------------------------------------------------------------------- the method
@@ -428,7 +449,8 @@ class MetaKD(VanillaKD):
             for part in (student.base_model.embeddings, student.base_model.encoder):
                 part.requires_grad_(True)
             heads = bert_init(DistillHeads(student.config.hidden_size, self.meta_teacher.model.config.hidden_size,
-                                           len(ctx.domain_names), opts.pooling), student.config.initializer_range)
+                                           len(ctx.domain_names), opts.pooling, opts.domain_loss_weight > 0),
+                              student.config.initializer_range)
             return Stage(DISTILL, {STUDENT: student, "distill_heads": heads.to(ctx.device)},
                          opts.distill_learning_rate or args.learning_rate,
                          opts.distill_num_train_epochs or args.num_train_epochs, schedule="constant", evaluate=False)
@@ -468,15 +490,10 @@ class MetaKD(VanillaKD):
             return self._distill_loss(step, batch, inputs, weights)
         with torch.no_grad(), step.accelerator.autocast():
             teacher_logits = self.meta_teacher(**inputs).logits
-        student = step.model(**inputs).logits
-        row_weights = weights if opts.prediction_instance_weights else None
-        kd = kd_loss(student, teacher_logits.to(student.dtype), divergence=opts.kd_divergence,
-                     temperature=opts.kd_temperature, jsd_beta=opts.jsd_beta, labels=labels, kd_weight=1.0,
-                     hard_weight=0.0, row_weights=row_weights, ignore_index=IGNORE_INDEX,
-                     backend=self.ctx.args.kernel_backend)
-        ce = F.cross_entropy(student.float(), labels)
-        return opts.kd_weight * kd + opts.hard_weight * ce, {"kd_loss": kd.detach(), "ce_loss": ce.detach(),
-                                                              "instance_weight": weights.mean()}
+        loss, kd, ce = prediction_loss(step.model(**inputs).logits, teacher_logits, labels,
+                                       weights if opts.prediction_instance_weights else None, opts,
+                                       self.ctx.args.kernel_backend)
+        return loss, {"kd_loss": kd.detach(), "ce_loss": ce.detach(), "instance_weight": weights.mean()}
 
     def _distill_loss(self, step, batch, inputs, weights):
         opts, mask = self.options, batch["attention_mask"]
@@ -501,7 +518,7 @@ class MetaKD(VanillaKD):
             att = (weights * rows).mean()
             loss, logs["attention_loss"] = loss + opts.attention_weight * att, att.detach()
         if opts.domain_loss_weight > 0:
-            dom = (weights * (own.float() - teacher_feature.float()).pow(2).mean(-1)).mean()
+            dom = domain_feature_loss(own, teacher_feature, weights)
             loss, logs["domain_loss"] = loss + opts.domain_loss_weight * dom, dom.detach()
         return loss, logs
 

@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 from kdengine.data.amazon import read_amazon_split, split_indices
-from kdengine.methods.meta_kd import (DISTILL, META_TEACHER, AttentionScores, MetaKD, instance_weights, mean_pool,
-                                      meta_teacher_loss, prototype_scores, weighted_hidden_loss)
+from kdengine.methods.meta_kd import (DISTILL, META_TEACHER, AttentionScores, MetaKD, MetaKDOptions,
+                                      domain_feature_loss, instance_weights, mean_pool, meta_teacher_loss,
+                                      prediction_loss, prototype_scores, weighted_hidden_loss)
 from kdengine.train.__main__ import main
 from tests.tolerances import assert_close
 from tests.train import metrics_rows, read_json, small_args
@@ -81,6 +83,32 @@ def test_weighted_hidden_loss_is_the_mean_of_weighted_per_example_token_means(sc
         want += float(weights[b]) * per / 3
     got = weighted_hidden_loss(student, teacher, pairs, mask, weights)
     assert_close(got, torch.tensor(want, dtype=torch.float64), torch.float32)
+
+
+def test_domain_feature_loss_is_the_weighted_per_example_mean_squared_error():
+    student = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 0.0], [3.0, 1.0]])
+    weights = torch.tensor([0.5, 0.25])
+    loss = domain_feature_loss(student, teacher, weights)
+    assert_close(loss, torch.tensor((0.5 * (1 + 4) / 2 + 0.25 * (9 + 1) / 2) / 2), torch.float32)
+    loss.backward()
+    assert_close(student.grad, torch.tensor([[0.5 * 2 * 1 / 2 / 2, 0.5 * 2 * 2 / 2 / 2],
+                                             [0.25 * 2 * -3 / 2 / 2, 0.25 * 2 * -1 / 2 / 2]]), torch.float32)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_prediction_loss_is_the_soft_cross_entropy_with_instance_weights_as_row_weights(weighted):
+    student = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.5, 0.5]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 0.0], [3.0, 1.0]])
+    labels, weights = torch.tensor([1, 0, 1]), torch.tensor([0.4, 0.8, 0.6])
+    options = MetaKDOptions(kd_temperature=2.0, hard_weight=0.5)
+    p, log_q = torch.softmax(teacher / 2, -1), torch.log_softmax(student / 2, -1)
+    rows = -(p * log_q).sum(-1) * 4                                               # T² · SCE per row
+    kd_want = (rows * weights).mean() if weighted else rows.mean()
+    ce_want = F.cross_entropy(student, labels)
+    loss, kd, ce = prediction_loss(student, teacher, labels, weights if weighted else None, options, "torch")
+    assert_close(kd, kd_want, torch.float32)
+    assert_close(loss, kd_want + 0.5 * ce_want, torch.float32)
 
 
 def test_captured_attention_scores_are_the_pre_softmax_scores_of_eager_attention():
