@@ -87,6 +87,8 @@ def write_cache(method, cfg, directory: str, kind: str, topk: int | None, shard_
     from kdengine.train.teacher import teacher_dir, teacher_name  # noqa: PLC0415
 
     ctx = method.ctx
+    if ctx.accelerator.num_processes > 1:
+        raise ValueError("cache_teacher writes from one process: start it with python -m, not torchrun")
     vocab = None
     if kind == "topk":
         vocab = ctx.teacher.get_output_embeddings().weight.shape[0]

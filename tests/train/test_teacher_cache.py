@@ -32,8 +32,8 @@ def tiny(tmp_path_factory):
 
 def run_args(tiny, output_dir, **overrides) -> list[str]:
     teacher, student = tiny
-    return small_args(output_dir, method="vanilla_kd", teacher_model_name_or_path=teacher,
-                      model_name_or_path=student, **overrides)
+    options = {"method": "vanilla_kd", **overrides}
+    return small_args(output_dir, teacher_model_name_or_path=teacher, model_name_or_path=student, **options)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,29 @@ def test_train_from_cache_never_loads_the_teacher(tiny, cache, tmp_path, monkeyp
         assert got == pytest.approx(want, rel=1e-4), (got, want)
     want, got = read_json(live / "eval_results.json"), read_json(cached / "eval_results.json")
     assert got["eval_accuracy"] == want["eval_accuracy"]
+
+
+def test_pee_kd_from_cache(tiny, tmp_path, monkeypatch):
+    """PEE-KD: the cache holds the K experts' raw logits (and the fused teacher); the student from it
+    skips the experts and selector stages, loads no teacher, and trains on fused_experts_kd_loss as live."""
+    from kdengine import models
+
+    args = run_args(tiny, tmp_path / "run", method="pee_kd", num_experts=2, num_virtual_tokens=2,
+                    expert_num_train_epochs=1, selector_num_train_epochs=1)
+    assert cache_teacher.main(args + ["--output", str(tmp_path / "cache")]) == 0
+    manifest = teacher_cache.read_manifest(str(tmp_path / "cache"))
+    assert manifest["method"] == "pee_kd" and manifest["teacher_options"]["num_experts"] == 2
+    loaded = teacher_cache.load(str(tmp_path / "cache"), manifest)
+    assert loaded.tensors["expert_logits"].shape == (96, 2, 2) and loaded.tensors["logits"].shape == (96, 2)
+    load_for_task = models.load_for_task
+    monkeypatch.setattr(models, "load_for_task", lambda path, task, labels, *, what: (
+        pytest.fail(f"the teacher was loaded from {path}") if what == "teacher"
+        else load_for_task(path, task, labels, what=what)))
+    out = tmp_path / "student"
+    assert train_main([*args[:1], str(out), *args[2:], "--teacher_cache", str(tmp_path / "cache")]) == 0
+    assert not (out / "experts").exists() and not (out / "selector").exists()
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "kd_loss" in line]
+    assert rows and all(r["kd_loss"] >= 0 for r in rows)
 
 
 def _edited(cache, tmp_path, **fields):
