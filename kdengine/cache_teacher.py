@@ -43,12 +43,15 @@ def _parse(argv: list[str] | None):
 def check_request(cfg, own) -> tuple[str, str, int | None]:
     """(cache directory, kind, topk) for ``cfg``; ValueError before any work for what no cache can serve."""
     from kdengine.methods import resolve_method  # noqa: PLC0415
-    from kdengine.teacher_cache import KINDS  # noqa: PLC0415
+    from kdengine.teacher_cache import CACHEABLE_METHODS, KINDS  # noqa: PLC0415
 
     if cfg.task not in KINDS:
         raise ValueError(f"task {cfg.task!r} has no teacher cache yet (supported: {', '.join(KINDS)})")
     if not resolve_method(cfg.method).uses_teacher:
         raise ValueError(f"method {cfg.method!r} uses no task-trained teacher: there is nothing to cache")
+    if cfg.method not in CACHEABLE_METHODS:
+        raise ValueError(f"method {cfg.method!r} computes its teacher side inside its training step; a teacher "
+                         f"cache serves {', '.join(CACHEABLE_METHODS)}")
     if cfg.teacher_cache is not None:
         raise ValueError("--teacher_cache is the input of kdengine.train; the cache to write is --output")
     if own.shard_size < 1:

@@ -42,6 +42,9 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 KINDS = {"sequence_classification": "full", "causal_lm": "topk"}
+# Methods whose student stage reads its teacher side through ``teacher_outputs`` alone (what a cache
+# can replace); others (MT-BERT's hidden states, Meta-KD's meta-teacher) compute it in their step.
+CACHEABLE_METHODS = ("vanilla_kd", "pee_kd")
 # Options of KDLossOptions that shape only the student's loss, not the teacher side (kd_temperature
 # is checked on its own: it matters for top-k caches only).
 STUDENT_SIDE_OPTIONS = ("kd_divergence", "kd_temperature", "kd_weight", "hard_weight", "jsd_beta")

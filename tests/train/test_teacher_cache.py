@@ -214,6 +214,9 @@ def test_cache_options_refused_before_any_work(tiny, tmp_path, capsys):
     assert cache_teacher.main(run_args(tiny, tmp_path / "run") + ["--output", str(occupied)]) == 2
     assert "non-empty directory without a teacher cache manifest" in capsys.readouterr().err
     assert os.listdir(occupied) == ["notes.txt"] and not out.exists()
+    for method, message in (("no_kd", "uses no task-trained teacher"), ("mt_bert", "inside its training step")):
+        assert cache_teacher.main(run_args(tiny, tmp_path / "run", method=method) + ["--output", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
 
 
 @pytest.fixture(scope="module")
