@@ -7,18 +7,20 @@ mid-stage resume, metrics.jsonl in ``output_dir/stages/<stage>/``) and written a
 1. ``experts`` — K prompts (and the shared task head) on a copy of the task-fine-tuned teacher,
    whose backbone stays frozen (``teacher_backbone: trainable`` unfreezes it). Every batch runs
    all K experts as ONE batched forward (:class:`kdengine.experts.PromptExperts`). Each expert's
-   cross-entropy is weighted by a softmax over the experts' certainty on the batch,
+   cross-entropy is weighted by :func:`uncertainty_weights` of the experts' certainty on the batch,
    u_k = (1/B) Σ_i 1[expert k correct on i] · max_c p_k,i,c, treated as a constant
-   (``expert_weighting_loss: uncertainty``; ``none`` averages the K losses); the weights are
-   logged as ``expert_weight_<k>``. The reference code has this branch but never runs it and
-   would crash in it.
+   (``expert_weighting_loss: uncertainty``; ``none`` averages the K losses); certainties and
+   weights are logged as ``expert_certainty_<k>`` and ``expert_weight_<k>``. The reference code has
+   this branch but never runs it and would crash in it.
 2. ``selector`` (``selector: learned``) — :class:`~kdengine.methods.selector.ExpertSelector`
-   trained with cross-entropy against the per-example most reliable expert (correct and
-   confident); the reference code's selector is never trained. Reports routing accuracy and the
-   selector-routed teacher.
+   on the backbone's [CLS] state (or the paper's token embeddings), trained per example with
+   cross-entropy against :func:`~kdengine.methods.selector.soft_targets` (softmax of −CE_k / τ),
+   examples weighted 1 + ``selector_disagreement_weight`` · (experts disagree); the reference
+   code's selector is never trained. Reports routing accuracy, the selector-routed teacher and
+   the best single expert side by side.
 3. ``student`` — distilled with :func:`kdengine.ops.fused_experts_kd_loss` from the
-   uncertainty-weighted fusion of all experts, or of the selector's top-k
-   (``teacher_top_k``), plus ``hard_weight`` · CE on the labels.
+   ``expert_weighting`` fusion of all experts, or of the selector's top-k (``teacher_top_k``)
+   weighted by the selector's own probabilities, plus ``hard_weight`` · CE on the labels.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ from torch.utils.data import DataLoader
 from kdengine.constants import IGNORE_INDEX
 from kdengine.methods.base import STUDENT, Method, Stage
 from kdengine.methods.baselines import KDLossOptions
-from kdengine.methods.selector import ExpertSelector, expert_scores
+from kdengine.methods.selector import (
+    ExpertSelector,
+    disagreement,
+    expert_scores,
+    selector_logits,
+    soft_targets,
+)
 from kdengine.metrics import compute_metrics
 from kdengine.ops import fuse_experts, fused_experts_kd_loss, kd_loss
 from kdengine.options import option
@@ -61,18 +69,31 @@ class PEEKDOptions(KDLossOptions):
     selector: str = option("learned", "learned selector routing to the top experts, or none (all)", ("learned", "none"))
     teacher_top_k: int | None = option(None, "experts run per example (None = all)")
     expert_weighting_loss: str = option("uncertainty", "expert training loss weighting", ("uncertainty", "none"))
+    uncertainty_temperature: float = option(0.05, "expert loss weights a = softmax(u / uncertainty_temperature) "
+                                                  "over the batch certainties u in [0, 1]; 1.0 is the paper-faithful "
+                                                  "form (near-uniform weights)")
     expert_learning_rate: float = option(1e-2, "learning rate of the prompt experts")
     expert_num_train_epochs: float = option(2.0, "epochs of the expert training stage")
     selector_learning_rate: float = option(1e-3, "learning rate of the selector")
     selector_num_train_epochs: float = option(1.0, "epochs of the selector training stage")
     selector_hidden_size: int = option(512, "selector MLP width (the paper's 512)")
+    selector_features: str = option("backbone", "selector input: the frozen backbone's [CLS] state or the paper's "
+                                                "context-free token embeddings (max-pooled)", ("backbone", "embeddings"))
+    selector_target_temperature: float = option(0.1, "selector targets softmax(-CE_k / selector_target_temperature) "
+                                                     "over the experts' per-example losses")
+    selector_disagreement_weight: float = option(4.0, "selector loss weight 1 + this · (fraction of positions where "
+                                                      "the experts disagree) per example")
 
     def validate(self) -> None:
         super().validate()
         for name in ("expert_learning_rate", "selector_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("expert_num_train_epochs", "selector_num_train_epochs", "expert_sharpness"):
+        for name in ("uncertainty_temperature", "selector_target_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("expert_num_train_epochs", "selector_num_train_epochs", "expert_sharpness",
+                     "selector_disagreement_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("num_experts", "num_virtual_tokens", "selector_hidden_size"):
@@ -80,6 +101,11 @@ class PEEKDOptions(KDLossOptions):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.teacher_top_k is not None and not 1 <= self.teacher_top_k <= self.num_experts:
             raise ValueError(f"teacher_top_k={self.teacher_top_k} must be in [1, num_experts={self.num_experts}]")
+
+
+def uncertainty_weights(certainty: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Expert loss weights a = softmax_k(u_k / temperature) from certainties u [K] in [0, 1]."""
+    return (certainty / temperature).softmax(0)
 
 
 def _flatten_rows(logits: torch.Tensor, labels: torch.Tensor):
@@ -122,9 +148,11 @@ class PEEKD(Method):
             return Stage(EXPERTS, {EXPERTS: experts.to(ctx.device)}, opts.expert_learning_rate,
                          opts.expert_num_train_epochs, evaluate=False)
         if name == SELECTOR:
-            embedding = self.experts.model.get_input_embeddings().weight
-            selector = ExpertSelector(embedding, opts.num_experts, opts.selector_hidden_size)
-            ctx.log(f"[pee_kd] selector: training on the per-example best of {opts.num_experts} experts")
+            features = (self.experts.model.get_input_embeddings().weight if opts.selector_features == "embeddings"
+                        else self.experts.model.config.hidden_size)
+            selector = ExpertSelector(features, opts.num_experts, opts.selector_hidden_size)
+            ctx.log(f"[pee_kd] selector: training on {opts.selector_features} features against softmax(-CE / "
+                    f"{opts.selector_target_temperature}) of {opts.num_experts} experts")
             return Stage(SELECTOR, {SELECTOR: selector.to(ctx.device)}, opts.selector_learning_rate,
                          opts.selector_num_train_epochs, evaluate=False)
         return super().build_stage(name, student)
@@ -134,11 +162,11 @@ class PEEKD(Method):
         if name == EXPERTS:
             out = step.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              **_extra_inputs(batch))
-            loss, weights = self._expert_loss(out.logits, batch["labels"])
-            return loss, {f"expert_weight_{k}": w for k, w in enumerate(weights.detach())}
+            loss, certainty, weights = self._expert_loss(out.logits, batch["labels"])
+            logs = {f"expert_weight_{k}": w for k, w in enumerate(weights.detach())}
+            return loss, {**logs, **{f"expert_certainty_{k}": u for k, u in enumerate(certainty)}}
         if name == SELECTOR:
-            target = expert_scores(self._expert_logits(batch), batch["labels"]).argmax(-1)
-            return F.cross_entropy(step.model(batch["input_ids"], batch["attention_mask"]), target), {}
+            return self._selector_loss(step.model, batch)
         return super().training_step(step, batch)
 
     def save_stage(self, stage: Stage, directory: str):
@@ -165,21 +193,37 @@ class PEEKD(Method):
         if stage.name in (EXPERTS, SELECTOR):
             setattr(self, stage.name, stage.modules[stage.name].eval().requires_grad_(False))
 
-    def _expert_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uncertainty-weighted sum of the K experts' cross-entropies; returns (loss, weights a [K])."""
+    def _expert_loss(self, logits: torch.Tensor, labels: torch.Tensor):
+        """Uncertainty-weighted sum of the K experts' cross-entropies; returns (loss, certainties u [K],
+        weights a [K])."""
         k = logits.shape[0]
         rows, flat = _flatten_rows(logits, labels)                        # [K, N, C], [N]
         ce = torch.stack([F.cross_entropy(rows[i].float(), flat, ignore_index=IGNORE_INDEX) for i in range(k)])
+        with torch.no_grad():
+            valid = (flat != IGNORE_INDEX).float()
+            confidence, prediction = rows.float().softmax(-1).max(-1)     # [K, N]
+            certainty = ((prediction == flat).float() * confidence * valid).sum(-1) / valid.sum().clamp_min(1)
         if self.options.expert_weighting_loss == "none":
             weights = torch.full((k,), 1.0 / k, device=ce.device)
         else:
-            with torch.no_grad():
-                valid = (flat != IGNORE_INDEX).float()
-                probs = rows.float().softmax(-1)
-                confidence, prediction = probs.max(-1)                    # [K, N]
-                certainty = ((prediction == flat).float() * confidence * valid).sum(-1) / valid.sum().clamp_min(1)
-                weights = certainty.softmax(0)
-        return (weights * ce).sum(), weights
+            weights = uncertainty_weights(certainty, self.options.uncertainty_temperature)
+        return (weights * ce).sum(), certainty, weights
+
+    def _selector_loss(self, selector: ExpertSelector, batch: dict):
+        """Soft-target cross-entropy, examples weighted by how much the experts disagree on them."""
+        opts = self.options
+        logits, labels = self._expert_logits(batch), batch["labels"]
+        target = soft_targets(logits, labels, opts.selector_target_temperature)          # [B, K]
+        split = disagreement(logits, labels)                                             # [B]
+        weight = 1.0 + opts.selector_disagreement_weight * split
+        scores = selector_logits(selector, self.experts.model, batch["input_ids"], batch["attention_mask"],
+                                 **_extra_inputs(batch))
+        per_example = -(target * scores.log_softmax(-1)).sum(-1)
+        return (weight * per_example).sum() / weight.sum(), {"selector_disagreement": split.mean()}
+
+    def _route_logits(self, batch: dict) -> torch.Tensor:
+        return selector_logits(self.selector, self.experts.model, batch["input_ids"], batch["attention_mask"],
+                               **_extra_inputs(batch))
 
     @torch.no_grad()
     def _expert_logits(self, batch: dict, experts: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,7 +270,7 @@ class PEEKD(Method):
             preds["oracle_routed"].append(gather(_pick(logits, best).argmax(-1)))
             if self.selector is not None:
                 t0 = time.perf_counter()
-                routed = self.selector(batch["input_ids"], batch["attention_mask"]).argmax(-1)
+                routed = self._route_logits(batch).argmax(-1)
                 one = self._expert_logits(batch, experts=routed)         # [B(, L), C]: one expert per example
                 timings["routed_s"] += time.perf_counter() - t0
                 preds["selector_routed"].append(gather(one.argmax(-1)))
@@ -240,11 +284,17 @@ class PEEKD(Method):
             metrics = compute_metrics(ctx.task, torch.cat(chunks).numpy(), references, ctx.label_names)
             report[key] = {f"eval_{name}": value for name, value in metrics.items()}
         if self.selector is not None:
+            metric = f"eval_{ctx.args.best_metric_name()}"
+            best = max(range(k), key=lambda i: report[f"expert_{i}"][metric])
             routed = report["selector_routed"]
             routed["eval_routing_accuracy"] = routing_hits / max(routing_total, 1)
+            routed["routing_chance"] = 1 / k
+            routed["best_single_expert"] = best
+            routed[f"best_single_expert_{metric}"] = report[f"expert_{best}"][metric]
             routed["teacher_forward_speedup"] = timings["all_experts_s"] / max(timings["routed_s"], 1e-9)
             ctx.log(f"[pee_kd] selector: routing accuracy {routed['eval_routing_accuracy']:.3f} "
-                    f"(chance {1 / k:.3f}); routed teacher runs one expert per example, "
+                    f"(chance {1 / k:.3f}); routed {metric} {routed[metric]:.4f} vs best single expert "
+                    f"(expert_{best}) {report[f'expert_{best}'][metric]:.4f}; one expert per example, "
                     f"{routed['teacher_forward_speedup']:.2f}x faster than all {k}")
         return report
 
@@ -256,25 +306,29 @@ class PEEKD(Method):
     # ------------------------------------------------------------------ student distillation
     def teacher_outputs(self, batch: dict) -> dict:
         args = self.options
-        experts = None
+        experts = weights = None
         if self.selector is not None and args.teacher_top_k is not None and args.teacher_top_k < args.num_experts:
-            scores = self.selector(batch["input_ids"], batch["attention_mask"])
-            experts = scores.topk(args.teacher_top_k, dim=-1).indices         # [B, k]
+            probs = self._route_logits(batch).softmax(-1)
+            weights, experts = probs.topk(args.teacher_top_k, dim=-1)          # [B, k]: fused by the selector
         logits = self._expert_logits(batch, experts=experts)
         if experts is not None:
             logits = logits.movedim(1, 0)                                    # [B, k, ...] -> [k, B, ...]
+            if logits.dim() == 4:                                            # token tasks: one row per token
+                weights = weights.repeat_interleave(logits.shape[2], dim=0)
         rows, _ = _flatten_rows(logits, batch["labels"])
         # The fused teacher itself (T = 1; fp32 [N, C], tiny for classification) for plots and logs; the
         # experts' logits go to the kernels in their own dtype (no fp32 [K, N, C] copy).
         fused, _, _ = fuse_experts(rows, weighting=args.expert_weighting, space=args.fusion_space,
-                                   sharpness=args.expert_sharpness, backend=self.ctx.args.kernel_backend)
-        return {"expert_logits": rows, "logits": fused.reshape(*logits.shape[1:-1], -1)}
+                                   sharpness=args.expert_sharpness, weights=weights,
+                                   backend=self.ctx.args.kernel_backend)
+        out = {"expert_logits": rows, "logits": fused.reshape(*logits.shape[1:-1], -1)}
+        return out if weights is None else {**out, "expert_weights": weights}
 
     def student_loss(self, student_outputs, batch: dict, teacher_outputs: dict):
         args, backend = self.options, self.ctx.args.kernel_backend
         student, labels = _flatten_rows(student_outputs.logits, batch["labels"])
         loss = fused_experts_kd_loss(student, teacher_outputs["expert_logits"], weighting=args.expert_weighting,
-                                     space=args.fusion_space, temperature=args.kd_temperature,
+                                     weights=teacher_outputs.get("expert_weights"), space=args.fusion_space, temperature=args.kd_temperature,
                                      sharpness=args.expert_sharpness, divergence=args.kd_divergence,
                                      jsd_beta=args.jsd_beta, labels=labels, kd_weight=args.kd_weight,
                                      hard_weight=args.hard_weight, backend=backend)

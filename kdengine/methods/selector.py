@@ -1,13 +1,16 @@
-"""The PEE-KD expert selector: routes each input to the prompt expert most likely to be right.
+"""The PEE-KD expert selector: routes each input to the prompt experts most likely to be right.
 
-Module shape follows the PEE-KD code (embedding → Linear(H, hidden) → Tanh → Linear(hidden, K) →
-max-pool over tokens) with the two fixes methods.md §2.8 asks for: the per-token scores are
-pooled over tokens (``[B, L, K] → [B, K]``, masked), not reshaped across slots, and routing is
-per example and *trained* (cross-entropy against the per-example best expert), where the
-reference code never trains it and picks one expert per batch.
+Two feature modes (``selector_features``):
 
-The embedding is a frozen copy of the teacher's input embeddings, so the selector costs one
-embedding lookup plus a two-layer MLP per token: it never runs the backbone.
+* ``backbone`` (default): an MLP (Linear(H, hidden) → Tanh → Linear(hidden, K)) over the frozen
+  backbone's final [CLS] state, computed once per input without any prompt (:func:`selector_logits`
+  runs that forward). A context-free selector collapses to the class prior (methods.md §2.8).
+* ``embeddings``: the PEE-KD code's module (a frozen copy of the input embeddings → the same MLP per
+  token → max-pool over tokens, masked), with the fix methods.md §2.8 asks for (``[B, L, K] → [B, K]``
+  pooled over tokens, not reshaped across slots). It never runs the backbone.
+
+Either mode is trained per example (the reference code never trains it and picks one expert per
+batch) against :func:`soft_targets`, weighted by :func:`disagreement`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -25,42 +29,54 @@ from kdengine.models import read_safetensors
 
 SELECTOR_CONFIG = "selector_config.json"
 SELECTOR_WEIGHTS = "selector.safetensors"
+FEATURES = ("backbone", "embeddings")
 
 
 class ExpertSelector(nn.Module):
-    """Scores K experts per example from token embeddings.
+    """Scores K experts per example.
 
     Args:
-        embedding_weight: [Vocab, H] teacher input embeddings (copied and frozen).
+        features: an int H (``backbone`` mode: ``forward(features [B, H]) -> [B, K]``) or a
+            [Vocab, H] embedding table, copied and frozen (``embeddings`` mode:
+            ``forward(input_ids [B, L], attention_mask [B, L]) -> [B, K]``).
         num_experts: K.
         hidden_size: width of the MLP (512 in the PEE-KD code).
-    Shapes: ``forward(input_ids [B, L], attention_mask [B, L]) -> logits [B, K]`` (fp32).
+    Logits are fp32.
     """
 
-    def __init__(self, embedding_weight: torch.Tensor, num_experts: int, hidden_size: int = 512):
+    def __init__(self, features: int | torch.Tensor, num_experts: int, hidden_size: int = 512):
         super().__init__()
-        vocab, dim = embedding_weight.shape
-        self.embed = nn.Embedding(vocab, dim)
-        self.embed.weight.data.copy_(embedding_weight.detach().float())
-        self.embed.weight.requires_grad_(False)
+        if isinstance(features, torch.Tensor):
+            vocab, dim = features.shape
+            self.embed = nn.Embedding(vocab, dim)
+            self.embed.weight.data.copy_(features.detach().float())
+            self.embed.weight.requires_grad_(False)
+            self.features = "embeddings"
+        else:
+            dim, self.embed, self.features = features, None, "backbone"
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, num_experts))
         self.num_experts = num_experts
         self.hidden_size = hidden_size
+        self.feature_size = dim
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        scores = self.mlp(self.embed(input_ids))                       # [B, L, K]
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is None:
+            return self.mlp(inputs.float())                              # [B, H] -> [B, K]
+        scores = self.mlp(self.embed(inputs))                            # [B, L, K]
         if attention_mask is not None:
             scores = scores.masked_fill(attention_mask.unsqueeze(-1) == 0, float("-inf"))
-        return scores.max(dim=1).values                                # max-pool over tokens → [B, K]
+        return scores.max(dim=1).values                                  # max-pool over tokens → [B, K]
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                   os.path.join(directory, SELECTOR_WEIGHTS))
-        vocab, dim = self.embed.weight.shape
+        config = {"features": self.features, "num_experts": self.num_experts, "hidden_size": self.hidden_size,
+                  "embedding_dim": self.feature_size}
+        if self.embed is not None:
+            config["vocab_size"] = self.embed.weight.shape[0]
         with open(os.path.join(directory, SELECTOR_CONFIG), "w") as f:
-            json.dump({"num_experts": self.num_experts, "hidden_size": self.hidden_size,
-                       "vocab_size": vocab, "embedding_dim": dim}, f, indent=2)
+            json.dump(config, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> ExpertSelector:
@@ -68,10 +84,14 @@ class ExpertSelector(nn.Module):
         that is missing, damaged or does not match its config)."""
         path = os.path.join(directory, SELECTOR_CONFIG)
         cfg = read_json(path)
-        keys = ("num_experts", "hidden_size", "vocab_size", "embedding_dim")
-        if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), int) and cfg[k] >= 1 for k in keys):
-            raise ValueError(f"{path}: expected positive integers {', '.join(keys)}, got {cfg!r:.120}")
-        selector = cls(torch.zeros(cfg["vocab_size"], cfg["embedding_dim"]), cfg["num_experts"], cfg["hidden_size"])
+        mode = cfg.get("features", "embeddings") if isinstance(cfg, dict) else None
+        keys = ("num_experts", "hidden_size", "embedding_dim") + (("vocab_size",) if mode == "embeddings" else ())
+        if mode not in FEATURES or not all(isinstance(cfg.get(k), int) and cfg[k] >= 1 for k in keys):
+            raise ValueError(f"{path}: expected features in {FEATURES} and positive integers {', '.join(keys)}, "
+                             f"got {cfg!r:.120}")
+        features = (torch.zeros(cfg["vocab_size"], cfg["embedding_dim"]) if mode == "embeddings"
+                    else cfg["embedding_dim"])
+        selector = cls(features, cfg["num_experts"], cfg["hidden_size"])
         weights = os.path.join(directory, SELECTOR_WEIGHTS)
         try:
             selector.load_state_dict(read_safetensors(weights))
@@ -80,23 +100,62 @@ class ExpertSelector(nn.Module):
         return selector
 
 
+def backbone_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+    """The frozen backbone's final-layer [CLS] (first-position) state, without prompts: [B, H] fp32."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+    return out.hidden_states[-1][:, 0].float()
+
+
+def selector_logits(selector: ExpertSelector, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    **extra) -> torch.Tensor:
+    """The selector's [B, K] logits; ``model`` (the experts' backbone) runs once in ``backbone`` mode."""
+    if selector.features == "backbone":
+        return selector(backbone_features(model, input_ids, attention_mask, **extra))
+    return selector(input_ids, attention_mask)
+
+
 TIE_BREAK = 1e-3
 
 
 def expert_scores(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-example reliability of each expert, the selector's training signal.
+    """Per-example reliability of each expert: oracle routing and routing accuracy.
 
     score_k = mean over the example's labelled positions of 1[expert k correct] · max-probability,
     plus TIE_BREAK · p_k(true label), so that when no expert is right the one closest to right
     wins instead of expert 0. ``logits`` [K, B, C] or [K, B, L, C]; labels [B] or [B, L].
-    Returns [B, K] (fp32); the target expert is its argmax.
+    Returns [B, K] (fp32); the oracle's expert is its argmax.
     """
     probs = logits.float().softmax(-1)
     confidence, prediction = probs.max(-1)                            # [K, B(, L)]
     target = labels.clamp_min(0).unsqueeze(0).expand_as(prediction)
     p_true = probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     score = (prediction == labels.unsqueeze(0)).float() * confidence + TIE_BREAK * p_true
+    return _per_example(score, labels, ignore_index).transpose(0, 1)
+
+
+def _per_example(values: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[K, B(, L)] -> [K, B]: token values averaged over the example's labelled positions."""
     if labels.dim() == 2:
         valid = (labels != ignore_index).unsqueeze(0).float()
-        score = (score * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
-    return score.transpose(0, 1)
+        return (values * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
+    return values
+
+
+def expert_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-example cross-entropy of each expert (token tasks: mean over labelled tokens): [B, K] fp32."""
+    ce = F.cross_entropy(logits.float().movedim(-1, 1), labels.unsqueeze(0).expand(logits.shape[:-1]),
+                         ignore_index=ignore_index, reduction="none")    # [K, B(, L)]
+    return _per_example(ce, labels, ignore_index).transpose(0, 1)
+
+
+def soft_targets(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The selector's target distribution softmax_k(−CE_k / temperature) per example: [B, K]."""
+    return (-expert_losses(logits, labels) / temperature).softmax(-1)
+
+
+def disagreement(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per example, the fraction of labelled positions where the K experts' predictions are not all
+    equal: [B] in [0, 1] (sequence tasks: 0 or 1)."""
+    prediction = logits.argmax(-1)                                    # [K, B(, L)]
+    split = (prediction != prediction[:1]).any(0).float().unsqueeze(0)
+    return _per_example(split, labels, ignore_index)[0]

@@ -1,4 +1,4 @@
-"""PEE-KD specifics: the uncertainty weighting, the selector's targets, and the method's variants."""
+"""PEE-KD specifics: the uncertainty weighting, the selector's features and targets, and the method's variants."""
 
 import json
 from types import SimpleNamespace
@@ -7,26 +7,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdengine.methods.pee_kd import PEEKD, PEEKDOptions
-from kdengine.methods.selector import TIE_BREAK, ExpertSelector, expert_scores
+from kdengine.methods.pee_kd import PEEKD, PEEKDOptions, uncertainty_weights
+from kdengine.methods.selector import (
+    TIE_BREAK,
+    ExpertSelector,
+    disagreement,
+    expert_losses,
+    expert_scores,
+    soft_targets,
+)
 from kdengine.train.__main__ import main
 from tests.train import small_args
 
 
-def _method(weighting_loss: str) -> PEEKD:
-    return PEEKD(SimpleNamespace(options=PEEKDOptions(expert_weighting_loss=weighting_loss)))
+def _method(weighting_loss: str, **options) -> PEEKD:
+    return PEEKD(SimpleNamespace(options=PEEKDOptions(expert_weighting_loss=weighting_loss, **options)))
 
 
-def test_uncertainty_weighting_is_a_softmax_over_expert_certainty():
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_uncertainty_weighting_is_a_softmax_over_expert_certainty(temperature):
     torch.manual_seed(0)
     logits = torch.randn(3, 6, 4, requires_grad=True)                 # K=3 experts, B=6, C=4
     labels = torch.tensor([0, 1, 2, 3, 0, -100])
-    loss, weights = _method("uncertainty")._expert_loss(logits, labels)
+    loss, got_certainty, weights = _method("uncertainty", uncertainty_temperature=temperature)._expert_loss(
+        logits, labels)
     probs = logits.detach().softmax(-1)
     valid = labels != -100
     certainty = torch.stack([((probs[k].argmax(-1) == labels) & valid).float().mul(probs[k].max(-1).values).sum()
                              / valid.sum() for k in range(3)])
-    torch.testing.assert_close(weights, certainty.softmax(0))
+    torch.testing.assert_close(got_certainty, certainty)
+    torch.testing.assert_close(weights, (certainty / temperature).softmax(0))
     ce = torch.stack([F.cross_entropy(logits[k], labels, ignore_index=-100) for k in range(3)])
     torch.testing.assert_close(loss, (weights * ce).sum())
     (grad,) = torch.autograd.grad(loss, logits)                        # weights are constants
@@ -37,10 +47,45 @@ def test_uncertainty_weighting_is_a_softmax_over_expert_certainty():
 def test_plain_averaging_switch():
     logits = torch.randn(4, 5, 3)
     labels = torch.randint(0, 3, (5,))
-    loss, weights = _method("none")._expert_loss(logits, labels)
+    loss, _, weights = _method("none")._expert_loss(logits, labels)
     torch.testing.assert_close(weights, torch.full((4,), 0.25))
     ce = torch.stack([F.cross_entropy(logits[k], labels) for k in range(4)])
     torch.testing.assert_close(loss, ce.mean())
+
+
+def test_uncertainty_weights_move_at_the_default_and_the_paper_form_is_near_uniform():
+    """Certainties 0.78-0.85 (what the experts reach on the embedded task): the paper's softmax(u)
+    gives 0.242-0.260 whatever the experts do; the default temperature separates them."""
+    certainty = torch.tensor([0.78, 0.80, 0.83, 0.85])
+    paper = uncertainty_weights(certainty, 1.0)
+    torch.testing.assert_close(paper, certainty.softmax(0))
+    assert 0.24 < paper.min() < paper.max() < 0.261
+    default = uncertainty_weights(certainty, PEEKDOptions().uncertainty_temperature)
+    assert default.max() / default.min() > 3.5                        # e^(0.07 / 0.05) ≈ 4.06
+    assert default.argsort().tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="uncertainty_temperature"):
+        PEEKDOptions(uncertainty_temperature=0.0).validate()
+
+
+def test_selector_soft_targets_and_disagreement():
+    logits = torch.tensor([[[3.0, 0.0], [0.0, 1.0]],
+                           [[2.0, 0.0], [1.0, 0.0]],
+                           [[1.0, 0.0], [0.0, 2.0]]])                  # [K=3, B=2, C=2]
+    labels = torch.tensor([0, 1])
+    ce = expert_losses(logits, labels)
+    want = torch.stack([F.cross_entropy(logits[k], labels, reduction="none") for k in range(3)], -1)
+    torch.testing.assert_close(ce, want)
+    targets = soft_targets(logits, labels, 0.1)
+    torch.testing.assert_close(targets, (-want / 0.1).softmax(-1))
+    assert targets.argmax(-1).tolist() == [0, 2]                      # the lowest loss
+    assert (soft_targets(logits, labels, 100.0) - 1 / 3).abs().max() < 0.01
+    # Example 0: all experts say 0; example 1: expert 1 says 0, the others 1.
+    assert disagreement(logits, labels).tolist() == [0.0, 1.0]
+    tokens = torch.zeros(2, 1, 3, 2)                                  # [K=2, B=1, L=3, C=2]
+    tokens[0, 0, :, 0] = 1.0
+    tokens[1, 0, 0, 1] = 1.0                                         # differs at token 0 only
+    tokens[1, 0, 1:, 0] = 1.0
+    assert disagreement(tokens, torch.tensor([[0, 0, -100]])).tolist() == [0.5]
 
 
 def test_selector_target_prefers_correct_and_confident_then_closest():
@@ -66,6 +111,16 @@ def test_selector_token_scores_average_over_labelled_tokens():
     torch.testing.assert_close(full, cut)
 
 
+def test_backbone_selector_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    selector = ExpertSelector(8, num_experts=3, hidden_size=16)
+    features = torch.randn(4, 8)
+    selector.save_pretrained(tmp_path)
+    loaded = ExpertSelector.from_pretrained(tmp_path)
+    assert loaded.features == "backbone" and loaded.embed is None
+    torch.testing.assert_close(loaded(features), selector(features))
+
+
 def test_selector_save_load_roundtrip(tmp_path):
     torch.manual_seed(0)
     selector = ExpertSelector(torch.randn(50, 8), num_experts=3, hidden_size=16)
@@ -82,9 +137,10 @@ def test_selector_save_load_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [
-    dict(teacher_top_k=1, fusion_space="prob", expert_weighting="confidence"),
+    dict(teacher_top_k=1, fusion_space="prob", expert_weighting="confidence", selector_features="embeddings"),
+    dict(teacher_top_k=2),
     dict(prompt_kind="prompt", selector="none", expert_weighting_loss="none", expert_weighting="uniform"),
-], ids=["routed-top1-prob", "input-prompts-no-selector"])
+], ids=["routed-top1-prob-embeddings", "routed-top2-selector-weights", "input-prompts-no-selector"])
 def test_pee_kd_variants_run_and_report(tmp_path, flags):
     out = tmp_path / "run"
     assert main(small_args(out, method="pee_kd", num_experts=3, num_virtual_tokens=2,
@@ -95,6 +151,12 @@ def test_pee_kd_variants_run_and_report(tmp_path, flags):
     assert ("selector_routed" in report) == (flags.get("selector", "learned") == "learned")
     for name in rows:
         assert 0.0 <= report[name]["eval_accuracy"] <= 1.0
+    if "selector_routed" in report:
+        routed = report["selector_routed"]
+        best = routed["best_single_expert"]
+        assert routed["best_single_expert_eval_accuracy"] == report[f"expert_{best}"]["eval_accuracy"]
+        assert routed["routing_chance"] == pytest.approx(1 / 3)
+        assert 0.0 <= routed["eval_routing_accuracy"] <= 1.0
     assert (out / "experts" / "stage_complete.json").is_file()
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] >= 0.0
 
