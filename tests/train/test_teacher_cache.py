@@ -94,18 +94,22 @@ def test_train_from_cache_never_loads_the_teacher(tiny, cache, tmp_path, monkeyp
     assert got["eval_accuracy"] == want["eval_accuracy"]
 
 
-def test_pee_kd_from_cache(tiny, tmp_path, monkeypatch):
-    """PEE-KD: the cache holds the K experts' raw logits (and the fused teacher); the student from it
-    skips the experts and selector stages, loads no teacher, and trains on fused_experts_kd_loss as live."""
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_pee_kd_from_cache(tiny, tmp_path, monkeypatch, top_k):
+    """PEE-KD: the cache holds the experts' raw logits (all K, or the selector's top-k with their fusion
+    weights) and the fused teacher; the student from it skips the experts and selector stages, loads
+    no teacher, and trains on fused_experts_kd_loss as live."""
     from kdengine import models
 
     args = run_args(tiny, tmp_path / "run", method="pee_kd", num_experts=2, num_virtual_tokens=2,
-                    expert_num_train_epochs=1, selector_num_train_epochs=1)
+                    expert_num_train_epochs=1, selector_num_train_epochs=1, teacher_top_k=top_k)
     assert cache_teacher.main(args + ["--output", str(tmp_path / "cache")]) == 0
     manifest = teacher_cache.read_manifest(str(tmp_path / "cache"))
     assert manifest["method"] == "pee_kd" and manifest["teacher_options"]["num_experts"] == 2
+    assert manifest["teacher_options"]["teacher_top_k"] == top_k
     loaded = teacher_cache.load(str(tmp_path / "cache"), manifest)
-    assert loaded.tensors["expert_logits"].shape == (96, 2, 2) and loaded.tensors["logits"].shape == (96, 2)
+    assert loaded.tensors["expert_logits"].shape == (96, top_k or 2, 2) and loaded.tensors["logits"].shape == (96, 2)
+    assert ("expert_weights" in loaded.tensors) == (top_k is not None)
     load_for_task = models.load_for_task
     monkeypatch.setattr(models, "load_for_task", lambda path, task, labels, *, what: (
         pytest.fail(f"the teacher was loaded from {path}") if what == "teacher"
