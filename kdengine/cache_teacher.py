@@ -9,8 +9,8 @@ The run's teacher stage and method stages (PEE-KD's experts and selector) run fi
 ``python -m kdengine.train --stages teacher,method`` would (reusing what its output_dir already
 holds); then the method's ``teacher_outputs`` runs over the training examples in order, shard by
 shard, under a progress bar. Sequence classification stores the raw logits (any temperature works
-later); causal_lm the top ``--topk`` (default 32) log-probs per response position at the run's
-``kd_temperature``. Each shard is renamed into place complete; an interrupted run resumes at the first
+later), token classification the raw logits of every labelled token, causal_lm the top ``--topk``
+(default 32) log-probs per response position at the run's ``kd_temperature``. Each shard is renamed into place complete; an interrupted run resumes at the first
 missing shard when started again with the same options, and the manifest says ``complete`` only at
 the end. ``--output`` defaults to ``output_dir/teacher_cache``. Exit status 2 on bad options or inputs
 (nothing written into the cache directory).
@@ -58,8 +58,11 @@ def check_request(cfg, own) -> tuple[str, str, int | None]:
         raise ValueError(f"--shard_size must be >= 1, got {own.shard_size}")
     kind = KINDS[cfg.task]
     topk = own.topk
-    if kind == "full" and topk is not None:
+    if kind != "topk" and topk is not None:
         raise ValueError(f"--topk applies to causal_lm caches; {cfg.task} stores the full logits")
+    if kind == "rows" and cfg.method != "vanilla_kd":
+        raise ValueError(f"a token_classification cache stores one teacher's logits per token (method vanilla_kd), "
+                         f"not {cfg.method}'s teacher side")
     if kind == "topk":
         topk = DEFAULT_TOPK if topk is None else topk
         if topk < 1:

@@ -8,12 +8,14 @@ Written by ``python -m kdengine.cache_teacher``, read by ``python -m kdengine.tr
     DIR/shard-00001/...                   temporary directory and renamed (kdengine.atomic), so a shard
                                           is complete or absent
 
-Two kinds, by task:
+Three kinds, by task:
 
 * ``full`` (sequence classification): every tensor the method's ``teacher_outputs`` returns, raw logits
   ([..., B, C] per batch: the vanilla-KD teacher's ``logits``, PEE-KD's ``expert_logits`` [K, B, C]),
   stored per example. Raw logits re-temperature exactly: any ``kd_temperature`` works, and the
   student loss is the method's own, unchanged.
+* ``rows`` (token classification, vanilla_kd): the teacher's raw logits [C] per labelled position
+  (label != IGNORE_INDEX), fp32; any temperature works, the student loss is the method's own.
 * ``topk`` (causal_lm): per labelled position (label != IGNORE_INDEX), the teacher's ``topk`` largest
   log-probabilities at the cache's temperature T (fp32) and their token ids (int32): 8 · topk bytes
   per position plus 8 per example. Top-k log-probs do not re-temperature (the rest of the row is
@@ -41,7 +43,7 @@ from kdengine.constants import IGNORE_INDEX
 FORMAT = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
-KINDS = {"sequence_classification": "full", "causal_lm": "topk"}
+KINDS = {"sequence_classification": "full", "token_classification": "rows", "causal_lm": "topk"}
 # Methods whose student stage reads its teacher side through ``teacher_outputs`` alone (what a cache
 # can replace); others (MT-BERT's hidden states, Meta-KD's meta-teacher) compute it in their step.
 CACHEABLE_METHODS = ("vanilla_kd", "pee_kd")
@@ -109,27 +111,31 @@ def run_identity(cfg, tokenizer, label_names: list[str], train_dataset, vocab_si
 # ------------------------------------------------------------------------------------------------
 def example_rows(teacher_outputs: dict, labels: torch.Tensor, kind: str, topk: int, temperature: float) -> list[dict]:
     """Per example of one batch, its tensors to store (CPU). ``full``: each [..., B, C] tensor's slice
-    [..., C] (fp32). ``topk``: the labelled positions' top-k log-probs at T and ids."""
+    [..., C] (fp32). ``rows``: the labelled positions' logits [P, C] (fp32). ``topk``: the labelled
+    positions' top-k log-probs at T and ids."""
     rows = []
     for b in range(labels.shape[0]):
         if kind == "full":
             rows.append({key: value.movedim(-2, 0)[b].float().cpu() for key, value in teacher_outputs.items()})
+            continue
+        logits = teacher_outputs["logits"][b][labels[b] != IGNORE_INDEX]
+        if kind == "rows":
+            rows.append({"logits": logits.float().cpu()})
         else:
-            logits = teacher_outputs["logits"][b][labels[b] != IGNORE_INDEX]
             logprobs, indices = torch.log_softmax(logits.float() / temperature, -1).topk(topk, -1)
             rows.append({"topk_logprobs": logprobs.cpu(), "topk_indices": indices.to(torch.int32).cpu()})
     return rows
 
 
 def write_shard(directory: str, index: int, rows: list[dict], kind: str) -> None:
-    """One shard (atomic): ``full`` stacks each key over its examples; ``topk`` concatenates positions
+    """One shard (atomic): ``full`` stacks each key over its examples; ``rows`` and ``topk`` concatenate positions
     and adds ``offsets`` [count + 1] (example e's positions are offsets[e] .. offsets[e + 1])."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     if kind == "full":
         tensors = {key: torch.stack([row[key] for row in rows]).contiguous() for key in rows[0]}
     else:
-        counts = torch.tensor([0] + [row["topk_indices"].shape[0] for row in rows], dtype=torch.int64)
+        counts = torch.tensor([0] + [next(iter(row.values())).shape[0] for row in rows], dtype=torch.int64)
         tensors = {"offsets": counts.cumsum(0),
                    **{key: torch.cat([row[key] for row in rows]).contiguous() for key in rows[0]}}
     with atomic_directory(os.path.join(directory, shard_name(index))) as tmp:
@@ -163,7 +169,7 @@ def load_shard(directory: str, index: int, start: int, stop: int, kind: str) -> 
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"teacher cache {directory}: {path} is truncated or damaged ({exc}); delete that "
                          f"shard directory and rerun python -m kdengine.cache_teacher to rewrite it") from None
-    count = tensors["offsets"].shape[0] - 1 if kind == "topk" else next(iter(tensors.values())).shape[0]
+    count = next(iter(tensors.values())).shape[0] if kind == "full" else tensors["offsets"].shape[0] - 1
     if count != stop - start:
         raise ValueError(f"teacher cache {directory}: {path} holds {count} examples but must hold examples "
                          f"{start}..{stop - 1} ({stop - start})")
@@ -183,28 +189,31 @@ class TeacherCache:
             for shard in shards[1:]:
                 offsets.append(shard["offsets"][1:] + offsets[-1][-1])
             self.offsets = torch.cat(offsets)
-            self.tensors = {key: torch.cat([s[key] for s in shards]) for key in ("topk_logprobs", "topk_indices")}
+            self.tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0] if key != "offsets"}
 
     def teacher_outputs(self, batch: dict) -> dict:
-        """``full``: {key: [..., B, C]} as the method's teacher_outputs. ``topk``: {"topk_logprobs",
-        "topk_indices": [B · L, k]} at the batch's labelled positions (other rows zero: ignored)."""
+        """``full``: {key: [..., B, C]} as the method's teacher_outputs. ``rows``: {"logits": [B, L, C]}.
+        ``topk``: {"topk_logprobs", "topk_indices": [B · L, k]}. Positions without a label hold zeros
+        (the losses ignore them)."""
         ids = batch["example_id"].cpu()
         device = batch["input_ids"].device
         if self.kind == "full":
             return {key: value[ids].movedim(0, -2).to(device) for key, value in self.tensors.items()}
         labels = batch["labels"]
         live = (labels != IGNORE_INDEX).reshape(-1)
-        k = self.tensors["topk_indices"].shape[1]
-        out = {"topk_logprobs": torch.zeros(live.numel(), k), "topk_indices": torch.zeros(live.numel(), k,
-                                                                                          dtype=torch.int64)}
         picks = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in ids.tolist()])
         if picks.numel() != int(live.sum()):
             raise ValueError(f"teacher cache {self.directory}: the batch has {int(live.sum())} labelled positions "
                              f"but the cache holds {picks.numel()} for its examples; the data changed")
         rows = live.nonzero().squeeze(1).cpu()
-        out["topk_logprobs"][rows] = self.tensors["topk_logprobs"][picks]
-        out["topk_indices"][rows] = self.tensors["topk_indices"][picks].long()
-        return {key: value.to(device) for key, value in out.items()}
+        out = {}
+        for key, value in self.tensors.items():
+            dense = torch.zeros(live.numel(), value.shape[1], dtype=torch.int64 if key == "topk_indices" else value.dtype)
+            dense[rows] = value[picks].to(dense.dtype)
+            out[key] = dense.to(device)
+        if self.kind == "rows":
+            out["logits"] = out["logits"].reshape(*labels.shape, -1)
+        return out
 
 
 def read_manifest(directory: str) -> dict:

