@@ -140,24 +140,26 @@ void fill_student_rows(Args& a, const Tensor& student, const optional<Tensor>& l
   a.options = options;
 }
 
-// student / teacher [N, V] CUDA logits of one dtype, unit column stride; the kd_loss launcher
-// arguments every mode shares.
+// student / teacher [N, V] CUDA logits, unit column stride, of one dtype or with one side fp32; the
+// kd_loss launcher arguments every mode shares.
 kdengine::KDLossRowsArgs kd_loss_args(const Tensor& student, const Tensor& teacher, const optional<Tensor>& labels,
                                       const optional<Tensor>& row_weights, int64_t divergence, double temperature,
-                                      double jsd_beta, double kd_scale, double hard_weight, int64_t ignore_index,
-                                      int* dtype) {
+                                      double jsd_beta, double kd_scale, double hard_weight, int64_t ignore_index) {
   CHECK_CUDA(student);
   CHECK_SAME_DEVICE(teacher, student);
   CHECK_DIM(student, 2);
   TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher must have the student's shape ",
                     student.sizes(), ", got ", teacher.sizes());
-  TORCH_CHECK_VALUE(teacher.scalar_type() == student.scalar_type(), "student and teacher must share a dtype, got ",
-                    student.scalar_type(), " and ", teacher.scalar_type());
   CHECK_COLUMNS(student);
   CHECK_COLUMNS(teacher);
-  *dtype = dtype_code(student, "student");
-  const int64_t N = student.size(0), V = student.size(1);
   kdengine::KDLossRowsArgs a{};
+  a.student_dtype = dtype_code(student, "student");
+  a.teacher_dtype = dtype_code(teacher, "teacher");
+  TORCH_CHECK_VALUE(a.student_dtype == a.teacher_dtype || a.student_dtype == kdengine::kFloat32 ||
+                        a.teacher_dtype == kdengine::kFloat32,
+                    "student and teacher must share a dtype or one of them be float32, got ", student.scalar_type(),
+                    " and ", teacher.scalar_type());
+  const int64_t N = student.size(0), V = student.size(1);
   fill_student_rows(a, student, labels, row_weights, N, V,
                     loss_options(divergence, temperature, jsd_beta, kd_scale, hard_weight, ignore_index));
   a.teacher = teacher.data_ptr();
@@ -169,15 +171,14 @@ std::tuple<Tensor, Tensor> kd_loss_forward(const Tensor& student, const Tensor& 
                                            const optional<Tensor>& labels, const optional<Tensor>& row_weights,
                                            int64_t divergence, double temperature, double jsd_beta, double kd_scale,
                                            double hard_weight, int64_t ignore_index, int64_t stream) {
-  int dtype = 0;
   kdengine::KDLossRowsArgs a = kd_loss_args(student, teacher, labels, row_weights, divergence, temperature,
-                                            jsd_beta, kd_scale, hard_weight, ignore_index, &dtype);
+                                            jsd_beta, kd_scale, hard_weight, ignore_index);
   Tensor row_loss = at::empty({a.n_rows}, student.options().dtype(at::kFloat));
   Tensor stats = at::zeros({a.n_rows, kdengine::kRowStats}, student.options().dtype(at::kFloat));
   a.mode = kdengine::kForwardStats;
   a.stats = stats.data_ptr<float>();
   a.row_loss = row_loss.data_ptr<float>();
-  CHECK_LAUNCH(kdengine_kd_loss_rows(&a, dtype, as_stream(stream)), "kd_loss forward");
+  CHECK_LAUNCH(kdengine_kd_loss_rows(&a, as_stream(stream)), "kd_loss forward");
   return {row_loss, stats};
 }
 
@@ -185,10 +186,10 @@ std::tuple<optional<Tensor>, optional<Tensor>> kd_loss_backward(
     const Tensor& student, const Tensor& teacher, const optional<Tensor>& labels,
     const optional<Tensor>& row_weights, const Tensor& stats, const Tensor& scale, int64_t divergence,
     double temperature, double jsd_beta, double kd_scale, double hard_weight, int64_t ignore_index,
-    bool need_grad_student, bool need_grad_teacher, int64_t stream) {
-  int dtype = 0;
+    bool need_grad_student, bool need_grad_teacher, optional<at::ScalarType> grad_student_dtype,
+    optional<at::ScalarType> grad_teacher_dtype, int64_t stream) {
   kdengine::KDLossRowsArgs a = kd_loss_args(student, teacher, labels, row_weights, divergence, temperature,
-                                            jsd_beta, kd_scale, hard_weight, ignore_index, &dtype);
+                                            jsd_beta, kd_scale, hard_weight, ignore_index);
   const int64_t N = a.n_rows, V = a.vocab;
   CHECK_SAME_DEVICE(stats, student);
   CHECK_DTYPE(stats, at::kFloat);
@@ -201,8 +202,15 @@ std::tuple<optional<Tensor>, optional<Tensor>> kd_loss_backward(
   TORCH_CHECK_VALUE(scale.numel() == 1 || (scale.dim() == 1 && scale.size(0) == N),
                     "scale must be 0-d or have shape [", N, "], got ", scale.sizes());
   optional<Tensor> grad_s, grad_t;
-  if (need_grad_student) grad_s = at::empty({N, V}, student.options());
-  if (need_grad_teacher) grad_t = at::empty({N, V}, teacher.options());
+  // Each gradient in the dtype asked for (default: its logits'), written by the kernel directly.
+  if (need_grad_student) {
+    grad_s = at::empty({N, V}, student.options().dtype(grad_student_dtype.value_or(student.scalar_type())));
+    a.grad_student_dtype = dtype_code(*grad_s, "grad_student_dtype");
+  }
+  if (need_grad_teacher) {
+    grad_t = at::empty({N, V}, teacher.options().dtype(grad_teacher_dtype.value_or(teacher.scalar_type())));
+    a.grad_teacher_dtype = dtype_code(*grad_t, "grad_teacher_dtype");
+  }
   if (!need_grad_student && !need_grad_teacher) return {grad_s, grad_t};
   a.mode = kdengine::kBackwardFromStats;
   a.stats = stats.data_ptr<float>();
@@ -210,7 +218,7 @@ std::tuple<optional<Tensor>, optional<Tensor>> kd_loss_backward(
   a.grad_scale_stride = scale.dim() == 1 ? 1 : 0;
   a.grad_student = grad_s ? grad_s->data_ptr() : nullptr;
   a.grad_teacher = grad_t ? grad_t->data_ptr() : nullptr;
-  CHECK_LAUNCH(kdengine_kd_loss_rows(&a, dtype, as_stream(stream)), "kd_loss backward");
+  CHECK_LAUNCH(kdengine_kd_loss_rows(&a, as_stream(stream)), "kd_loss backward");
   return {grad_s, grad_t};
 }
 
@@ -458,7 +466,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("row_weights"), py::arg("stats"),
         py::arg("scale"), py::arg("divergence"), py::arg("temperature"), py::arg("jsd_beta"), py::arg("kd_scale"),
         py::arg("hard_weight"), py::arg("ignore_index"), py::arg("need_grad_student"), py::arg("need_grad_teacher"),
-        py::arg("stream"));
+        py::arg("grad_student_dtype"), py::arg("grad_teacher_dtype"), py::arg("stream"));
   m.def("fuse_experts_forward", &fuse_experts_forward, "fused teacher: (log_probs, alpha, entropy)",
         py::arg("experts"), py::arg("temperature"), py::arg("weighting"), py::arg("space"), py::arg("sharpness"),
         py::arg("weights"), py::arg("stream"));

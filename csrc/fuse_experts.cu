@@ -450,7 +450,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_experts_kd_kernel(const Fus
 
   KDRow<T> r;
   r.student = static_cast<const T*>(a.student) + n * a.student_row_stride;
-  r.grad_student = a.grad_student != nullptr ? static_cast<T*>(a.grad_student) + n * V : nullptr;
+  r.grad_student = grad_row(a.grad_student, dtype_of<T>(), n, V);
   r.vocab = V;
   r.options = a.options;
   r.consts = consts;

@@ -15,6 +15,8 @@ namespace kdengine {
 //   kBackwardFromStats  the gradients of Σ grad_scale · row_loss from the statistics: one pass
 //                       (two when the teacher's gradient needs a row sum of its own, grad_stages 2)
 // A Teacher provides:
+//   static constexpr int N;                               columns per chunk (the driver reads the
+//                                                         student in chunks of the same width)
 //   bool wants_grad;                                      gradient w.r.t. the teacher asked for
 //   static constexpr int grad_stages;                     1, or 2 when its gradient needs a row
 //                                                         sum of the first stage (prob fusion)
@@ -32,10 +34,10 @@ namespace kdengine {
 // and, for kl_forward_row, scaled_logits(start, float (&u)[N]) (u = t / T), after_pass() (block-wide,
 // once the row has been read) and set_lse(LogSumExp).
 // ---------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T>  // the student's element type
 struct KDRow {
   const T* student;          // row of [N, V] logits, unit column stride
-  T* grad_student;           // contiguous row or nullptr
+  GradRow grad_student;      // its gradient row, in the dtype asked for (device.cuh), or null
   int64_t vocab;
   KDLossOptions options;
   DivergenceConsts consts;
@@ -87,12 +89,12 @@ __device__ __forceinline__ float row_poison(float count, const Teacher& teacher)
 
 template <typename T, int KIND, int MODE, typename Teacher>
 __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
-  constexpr int N = Vec<T>::n;
+  constexpr int N = Teacher::N;
   const int64_t V = r.vocab;
   const KDLossOptions& o = r.options;
   if (r.has_label && r.label == o.ignore_index) {
     if constexpr (MODE == kBackwardFromStats) {
-      if (r.grad_student != nullptr) zero_row(r.grad_student, V);
+      if (r.grad_student) r.grad_student.zero(V);
       teacher.zero_grads();
     } else {
       if (threadIdx.x == 0) *r.row_loss = 0.f;
@@ -162,13 +164,12 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
       save_row_stats(r, teacher, lse_q, lse_hard, sums, nan_row);
     }
   } else {
-    const bool need_gs = r.grad_student != nullptr, need_gt = teacher.wants_grad;
+    const bool need_gs = static_cast<bool>(r.grad_student), need_gt = teacher.wants_grad;
     // dL/dlogit = dL/d(row_loss) · row_weight · kd_scale · (1/T unless mse) · dD/du  (+ hard term).
     const float c_row = r.grad_scale * r.row_weight;
     const float coef = c_row * o.kd_scale * (KIND == kMSE ? 1.f : inv_t);
     const float c_hard = c_row * o.hard_weight;
     const float nan_row = r.stats[kPoisonStat];  // NaN gradients for a row with a NaN / +inf logit
-    const bool vec_gs = need_gs && aligned16(r.grad_student);
     auto grad_pass = [&](int stage) {
       for (int64_t c = threadIdx.x; c * N < V; c += blockDim.x) {
         const int64_t start = c * N;
@@ -189,7 +190,7 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
             gt[k] = coef * divergence_grad_teacher<KIND>(col, r.consts, sums) + nan_row;
           }
         }
-        if (need_gs && stage == 0) store_chunk<T, N>(r.grad_student, start, V, vec_gs, gs);
+        if (need_gs && stage == 0) r.grad_student.store(start, V, gs);
         if (need_gt) teacher.grad_columns(stage, start, lq, lp, gt, sums);
       }
     };
@@ -212,7 +213,7 @@ __device__ void kd_loss_row(const KDRow<T>& r, Teacher& teacher) {
 // Writes the row loss and the same statistics as kd_loss_row's forward.
 template <typename T, int KIND, typename Teacher>
 __device__ void kl_forward_row(const KDRow<T>& r, Teacher& teacher) {
-  constexpr int N = Vec<T>::n;
+  constexpr int N = Teacher::N;
   constexpr int W = KIND == kReverseKL ? 0 : 2;
   const int64_t V = r.vocab;
   const KDLossOptions& o = r.options;

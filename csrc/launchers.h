@@ -1,12 +1,13 @@
 // The launcher interface of kdengine._C (plain C++, also read by bindings.cpp). Each .cu file
-// exposes `extern "C"` launchers that take raw pointers, sizes, row strides (in elements), a dtype
-// code and a cudaStream_t passed as `void*`. They return nullptr on success, or the CUDA error
-// string of the failed launch (cudaGetLastError is checked after every launch). bindings.cpp, the
-// only torch-facing file, checks the tensors, allocates the outputs and calls these launchers, so
-// it needs no CUDA header at all.
+// exposes `extern "C"` launchers that take raw pointers, sizes, row strides (in elements), dtype
+// codes (an argument, or fields of the args struct) and a cudaStream_t passed as `void*`. They
+// return nullptr on success, or the CUDA error string of the failed launch (cudaGetLastError is
+// checked after every launch). bindings.cpp, the only torch-facing file, checks the tensors,
+// allocates the outputs and calls these launchers, so it needs no CUDA header at all.
 //
 // The device side is split by concern, each header including the one before it:
-//   device.cuh      dtype dispatch, launch status, element conversion and 16-byte row IO
+//   device.cuh      dtype dispatch, launch status, element conversion, vector row IO and
+//                   gradient rows of a run-time dtype
 //   reduce.cuh      block-wide reductions, online softmax / entropy, LogSumExp
 //   divergence.cuh  the divergence math per column (the one CUDA divergence core)
 //   kd_row.cuh      the row driver of the distillation loss (kd_loss.cu, fuse_experts.cu)
@@ -60,15 +61,18 @@ constexpr int kTeacherStats = kPoisonStat + 1;
 constexpr int kRowStats = kTeacherStats + 2;
 constexpr int kFusedRowStats = kTeacherStats + 2 + 2 * kMaxExperts;
 
-// kd_loss, recompute-in-backward. Inputs [N, V] with unit column stride. The forward
-// (mode kForwardStats) writes row_loss and stats; the backward (kBackwardFromStats) reads the
-// logits and stats again and writes contiguous [N, V] gradients in the input dtype: those of
-// Σ_n grad_scale[n · grad_scale_stride] · row_loss[n], computed in fp32 and rounded once.
+// kd_loss, recompute-in-backward. Inputs [N, V] with unit column stride, each in its own dtype
+// (the same on both sides, or one side fp32). The forward (mode kForwardStats) writes row_loss and
+// stats; the backward (kBackwardFromStats) reads the logits and stats again and writes contiguous
+// [N, V] gradients, each in its own dtype: those of Σ_n grad_scale[n · grad_scale_stride] ·
+// row_loss[n], computed in fp32 and rounded once.
 struct KDLossRowsArgs {
   const void* student;        // [N, V] logits
   int64_t student_row_stride;
-  const void* teacher;        // [N, V] logits, same dtype
+  int student_dtype;          // DType
+  const void* teacher;        // [N, V] logits
   int64_t teacher_row_stride;
+  int teacher_dtype;          // DType: student_dtype, or either of them kFloat32
   const int64_t* labels;      // [N] or nullptr
   const float* row_weights;   // [N] or nullptr
   int mode;                   // RowMode: kForwardStats or kBackwardFromStats
@@ -77,7 +81,9 @@ struct KDLossRowsArgs {
   int64_t grad_scale_stride;  // 0 (one value for every row) or 1 ([N])
   float* row_loss;            // [N] out (forward)
   void* grad_student;         // [N, V] out or nullptr (backward)
+  int grad_student_dtype;     // DType of grad_student
   void* grad_teacher;         // [N, V] out or nullptr (backward)
+  int grad_teacher_dtype;     // DType of grad_teacher
   int64_t n_rows;
   int64_t vocab;
   KDLossOptions options;
@@ -167,7 +173,7 @@ struct ExpertBatchEmbedBackwardArgs {
 }  // namespace kdengine
 
 extern "C" {
-const char* kdengine_kd_loss_rows(const kdengine::KDLossRowsArgs* args, int dtype, void* stream);
+const char* kdengine_kd_loss_rows(const kdengine::KDLossRowsArgs* args, void* stream);
 const char* kdengine_fuse_experts(const kdengine::FuseExpertsArgs* args, int dtype, void* stream);
 const char* kdengine_fused_experts_kd_rows(const kdengine::FusedExpertsKDArgs* args, int dtype, void* stream);
 const char* kdengine_expert_batch_embed(const kdengine::ExpertBatchEmbedArgs* args, int dtype, void* stream);

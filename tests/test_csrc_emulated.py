@@ -16,12 +16,15 @@ build error is a failure: csrc/ changed in a way the compiler or the emulator's 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdengine.ops import _cuda
 from kdengine.ops.expert_batch_embed import ExpertBatchEmbedFunction
@@ -43,6 +46,8 @@ from tests.cuda_emulator.build import (
 )
 from tests.tolerances import assert_close
 
+# The module (kdengine.ops exports the function under the same name).
+_linear = importlib.import_module("kdengine.ops.linear_kd_loss")
 _SKIP = toolchain_skip_reason()
 pytestmark = [
     pytest.mark.skipif(_SKIP is not None, reason=f"cannot build csrc/ on the CUDA emulator: {_SKIP}"),
@@ -113,20 +118,21 @@ def _check_grad(actual, expected, dtype, shape, name):
 # ------------------------------------------------------------------------------------------------
 # kd_loss rows (csrc/kd_loss.cu)
 # ------------------------------------------------------------------------------------------------
-def _kd_rows(student, teacher, labels, row_weights, spec, need, scale=GRAD_SCALE):
+def _kd_rows(student, teacher, labels, row_weights, spec, need, scale=GRAD_SCALE, grad_dtypes=(None, None)):
     """The emulated forward launch, then the backward launch with dL/d(row_loss) = scale."""
     row_loss, stats = _cuda.kd_loss_forward_cuda(student, teacher, labels, row_weights, spec)
     assert stats.dtype == torch.float32 and stats.shape[0] == student.shape[0]
     grads = _cuda.kd_loss_backward_cuda(student, teacher, labels, row_weights, stats, torch.as_tensor(scale),
-                                        spec, *need)
+                                        spec, *need, grad_dtypes=grad_dtypes)
     return (row_loss, *grads)
 
 
 def check_kd_rows(student, teacher, labels, row_weights, *, divergence, temperature=2.0, hard_weight=0.0,
-                  need=(True, True)):
-    """Emulated kd_loss rows vs the float64 reference: row losses and d(Σ rows · grad_scale)."""
+                  need=(True, True), grad_dtypes=(None, None)):
+    """Emulated kd_loss rows vs the float64 reference: row losses and d(Σ rows · grad_scale), each
+    gradient in its ``grad_dtypes`` entry (None: its logits' dtype)."""
     spec = make_spec(divergence=divergence, temperature=temperature, hard_weight=hard_weight, **LOSS)
-    row_loss, grad_s, grad_t = _kd_rows(student, teacher, labels, row_weights, spec, need)
+    row_loss, grad_s, grad_t = _kd_rows(student, teacher, labels, row_weights, spec, need, grad_dtypes=grad_dtypes)
     s64, t64 = _as64(student, need[0]), _as64(teacher, need[1])
     ref = kd_loss_reference(s64, t64, divergence=divergence, temperature=temperature, hard_weight=hard_weight,
                             labels=labels, row_weights=_as64(row_weights), reduction="none", **LOSS)
@@ -134,8 +140,10 @@ def check_kd_rows(student, teacher, labels, row_weights, *, divergence, temperat
         (ref.sum() * GRAD_SCALE).backward()
     assert row_loss.dtype == torch.float32
     assert_close(row_loss, ref, torch.float32, "row_loss")
-    _check_grad(grad_s, s64.grad if need[0] else None, student.dtype, student.shape, "grad_student")
-    _check_grad(grad_t, t64.grad if need[1] else None, teacher.dtype, teacher.shape, "grad_teacher")
+    _check_grad(grad_s, s64.grad if need[0] else None, grad_dtypes[0] or student.dtype, student.shape,
+                "grad_student")
+    _check_grad(grad_t, t64.grad if need[1] else None, grad_dtypes[1] or teacher.dtype, teacher.shape,
+                "grad_teacher")
 
 
 @pytest.mark.parametrize("hard_weight", [0.0, 0.7], ids=["soft", "hard"])
@@ -185,6 +193,35 @@ def test_kd_loss_rows_large_vocab(divergence, dtype):
     v = 70001
     check_kd_rows(_logits(1, v, dtype=dtype), _logits(1, v, dtype=dtype), _labels(1, v), _row_weights(1),
                   divergence=divergence, hard_weight=0.2)
+
+
+# (student, teacher, (grad_student, grad_teacher) dtypes): linear_kd_loss's fp32 chunk logits against
+# half teacher logits with half gradients, half students against an fp32 teacher, and fp32 gradients
+# of bf16 logits (32-byte chunk stores).
+MIXED = [
+    (torch.float32, torch.bfloat16, (torch.bfloat16, None)),
+    (torch.float32, torch.float16, (torch.float16, torch.float32)),
+    (torch.bfloat16, torch.float32, (None, torch.bfloat16)),
+    (torch.float16, torch.float32, (torch.float32, None)),
+    (torch.bfloat16, torch.bfloat16, (torch.float32, torch.float32)),
+]
+
+
+def _mixed_id(case) -> str:
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", None: "own"}
+    student, teacher, (gs, gt) = case
+    return f"{name[student]}-{name[teacher]}-grads_{name[gs]}_{name[gt]}"
+
+
+@pytest.mark.parametrize("case", MIXED, ids=_mixed_id)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_loss_rows_mixed_dtypes(divergence, case):
+    """Each side read in its own dtype, each gradient written in the dtype asked for: prime V, −inf
+    columns, an ignored row, a hard label, row weights, grad_scale != 1."""
+    student_dtype, teacher_dtype, grad_dtypes = case
+    n, v = 4, 509
+    check_kd_rows(_logits(n, v, dtype=student_dtype), _logits(n, v, dtype=teacher_dtype), _labels(n, v),
+                  _row_weights(n), divergence=divergence, hard_weight=0.6, grad_dtypes=grad_dtypes)
 
 
 CUDA_KERNELS = (_cuda.kd_loss_forward_cuda, _cuda.kd_loss_backward_cuda)
@@ -262,31 +299,35 @@ def _nonfinite_rows(*rows: torch.Tensor) -> None:
     rows[0][-1, 9] = math.nan
 
 
-def _check_nonfinite(row_loss, grads, reference, grads64):
+def _check_nonfinite(row_loss, grads, reference, grads64, grad_dtype=torch.float32):
     """Rows 1-2 NaN (loss and every gradient), row 3 (ignored) exactly 0, row 0 as float64."""
     assert torch.isnan(row_loss[1:3]).all() and row_loss[3] == 0, row_loss
     assert_close(row_loss[:1], reference[:1], torch.float32, "clean row_loss")
     for name, grad, grad64 in zip(("student", "teacher"), grads, grads64, strict=True):
         assert torch.isnan(grad[1:3]).all(), f"grad_{name} of a broken row is not all NaN"
         assert not grad[3].any(), f"grad_{name} of the ignored row"
-        assert_close(grad[:1], grad64[:1], torch.float32, f"grad_{name} clean row")
+        assert grad.dtype == grad_dtype, f"grad_{name} is {grad.dtype}"
+        assert_close(grad[:1], grad64[:1], grad_dtype, f"grad_{name} clean row")
 
 
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_teacher-bf16_grads"])
 @pytest.mark.parametrize("side", ["student", "teacher"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_kd_loss_nonfinite_logit_gives_nan_row(divergence, side):
-    """Only −inf is masked: a NaN or +inf logit makes the row's loss and both gradients NaN."""
+def test_kd_loss_nonfinite_logit_gives_nan_row(divergence, side, teacher_dtype):
+    """Only −inf is masked: a NaN or +inf logit makes the row's loss and both gradients NaN (also for
+    an fp32 student against bf16 teacher logits with bf16 gradients, linear_kd_loss's case)."""
     n, v = 4, 97
-    student, teacher = _logits(n, v, dtype=torch.float32), _logits(n, v, dtype=torch.float32)
+    student, teacher = _logits(n, v, dtype=torch.float32), _logits(n, v, dtype=teacher_dtype)
     _nonfinite_rows(student if side == "student" else teacher)
     labels = torch.tensor([3, 4, 6, IGNORE])
     spec = make_spec(divergence=divergence, temperature=2.0, hard_weight=0.4, **LOSS)
-    row_loss, grad_s, grad_t = _kd_rows(student, teacher, labels, None, spec, (True, True))
+    row_loss, grad_s, grad_t = _kd_rows(student, teacher, labels, None, spec, (True, True),
+                                        grad_dtypes=(teacher_dtype, teacher_dtype))
     s64, t64 = _as64(student, True), _as64(teacher, True)
     ref = kd_loss_reference(s64, t64, divergence=divergence, temperature=2.0, hard_weight=0.4, labels=labels,
                             reduction="none", **LOSS)
     (ref.sum() * GRAD_SCALE).backward()
-    _check_nonfinite(row_loss, (grad_s, grad_t), ref, (s64.grad, t64.grad))
+    _check_nonfinite(row_loss, (grad_s, grad_t), ref, (s64.grad, t64.grad), teacher_dtype)
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "entropy"])
@@ -323,6 +364,76 @@ def test_kd_loss_fp16_grad_scaler_exact():
     ref = kd_loss_reference(s64, _as64(teacher), divergence="forward_kl", temperature=2.0, reduction="none", **LOSS)
     (ref.sum() * 65536.0 / 16384).backward()
     assert_close(grad_s, s64.grad, torch.float16, "fp16 grad_student")
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_kd_loss on the CUDA rows (kdengine/ops/linear_kd_loss.py over csrc/kd_loss.cu)
+# ------------------------------------------------------------------------------------------------
+class _ChunkConversions(TorchDispatchMode):
+    """Records every op that changes the dtype of a logits or logit-gradient chunk ([c <= chunk, V])."""
+
+    def __init__(self, chunk: int, vocab: int):
+        super().__init__()
+        self.chunk, self.vocab, self.seen = chunk, vocab, []
+
+    def _is_chunk(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] <= self.chunk and t.shape[1] == self.vocab
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in (*args, *(out if isinstance(out, (tuple, list)) else (out,)))
+                   if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+        if any(self._is_chunk(t) for t in tensors) and len({t.dtype for t in tensors}) > 1:
+            self.seen.append((str(func), [(t.dtype, tuple(t.shape)) for t in tensors]))
+        return out
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("head, teacher_dtype, divergence, reduction", [
+    (torch.bfloat16, torch.bfloat16, "forward_kl", "batchmean"),
+    (torch.float16, torch.float32, "jsd", "sum"),
+    (torch.float32, torch.bfloat16, "tvd", "none"),
+    (torch.bfloat16, torch.float32, "soft_ce", "none"),
+], ids=lambda x: str(x).replace("torch.", ""))
+def test_linear_kd_loss_cuda_rows(monkeypatch, head, teacher_dtype, divergence, reduction):
+    """linear_kd_loss over the emulated CUDA rows vs float64: teacher logits reach the kernel in their
+    own dtype (no fp32 copy of a chunk) and a half head's logit gradient comes out of the kernel in
+    the head's dtype (no conversion pass): no op changes the dtype of a [chunk, V] tensor. −inf
+    teacher columns, an ignored row, a hard label, grad_output != 1; with reduction="none" a NaN and
+    a +inf teacher logit (rows 2, 3) give NaN rows. On a GPU the half heads use cuBLAS's fp32-output
+    matmuls; CPU torch has none, so fp32 matmuls stand in for them (their own [c, H] / [H, V]
+    conversions are not chunks)."""
+    monkeypatch.setattr(_linear, "_fp32_out_head", lambda hidden, compute: hidden.dtype in HALF)
+    monkeypatch.setattr(_linear, "_mm_fp32", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(_linear, "_addmm_fp32", lambda acc, a, b: acc + a.float() @ b.float())
+    n, h, v, chunk = 7, 16, 509, 3  # h > chunk: the stand-ins' conversions are never [c <= chunk, V]
+    hidden = torch.randn(n, h).to(head).requires_grad_()
+    weight = (torch.randn(v, h) * 3 / h ** 0.5).to(head).requires_grad_()
+    teacher = _logits(n, v, dtype=teacher_dtype)
+    if reduction == "none":
+        teacher[2, 7], teacher[3, 11] = math.nan, math.inf
+    teacher.requires_grad_()
+    labels = _labels(n, v)
+    spec = make_spec(divergence=divergence, temperature=2.0, hard_weight=0.5, **LOSS)
+    grad_scale = grad_scale_for(reduction, None, labels, spec, n, v, hidden.device)
+    grad_output = torch.rand(n) + 0.5 if reduction == "none" else torch.tensor(2.5)
+    with _ChunkConversions(chunk, v) as conversions:
+        loss = _linear.LinearKDLossFunction.apply(hidden, weight, teacher, None, None, labels, None, grad_scale,
+                                                  spec, reduction, chunk, _linear._kernel_rows("cuda"))
+        loss.backward(grad_output)
+    assert conversions.seen == [], conversions.seen
+    h64, w64, t64 = _as64(hidden, True), _as64(weight, True), _as64(teacher, True)
+    ref = kd_loss_reference(h64 @ w64.T, t64, divergence=divergence, temperature=2.0, hard_weight=0.5,
+                            labels=labels, reduction=reduction, **LOSS)
+    ref.backward(grad_output.double())
+    assert_close(loss, ref, torch.float32, "loss")
+    if reduction == "none":
+        assert torch.isnan(loss[2:4]).all() and loss[1] == 0 and torch.isfinite(loss[[0, 4, 5, 6]]).all()
+    for name, x, x64 in (("hidden", hidden, h64), ("weight", weight, w64), ("teacher_logits", teacher, t64)):
+        assert x.grad.dtype == x.dtype, name
+        assert_close(x.grad, x64.grad, x.dtype, f"grad {name}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,10 +703,15 @@ def test_bindings_reject_bad_inputs_with_value_errors(emulated):
     _, stats = emulated.kd_loss_forward(s, s, None, None, 0, 1.0, 0.5, 1.0, 0.0, IGNORE, 0)
     with pytest.raises(ValueError, match="scale must be 0-d or have shape"):
         emulated.kd_loss_backward(s, s, None, None, stats, torch.ones(3), 0, 1.0, 0.5, 1.0, 0.0, IGNORE, True,
-                                  True, 0)
+                                  True, None, None, 0)
     with pytest.raises(ValueError, match="stats must have shape"):
         emulated.kd_loss_backward(s, s, None, None, stats[:, 1:].contiguous(), torch.ones(()), 0, 1.0, 0.5, 1.0,
-                                  0.0, IGNORE, True, True, 0)
+                                  0.0, IGNORE, True, True, None, None, 0)
+    with pytest.raises(ValueError, match="grad_teacher_dtype must be float32, bfloat16 or float16"):
+        emulated.kd_loss_backward(s, s, None, None, stats, torch.ones(()), 0, 1.0, 0.5, 1.0, 0.0, IGNORE, True,
+                                  True, None, torch.float64, 0)
+    with pytest.raises(ValueError, match="share a dtype or one of them be float32"):
+        emulated.kd_loss_forward(s.bfloat16(), s.half(), None, None, 0, 1.0, 0.5, 1.0, 0.0, IGNORE, 0)
     with pytest.raises(ValueError, match="1 <= K <= 16"):
         emulated.fuse_experts_forward(torch.randn(17, 2, 8), 1.0, 0, 0, 1.0, None, 0)
     with pytest.raises(ValueError, match="unit stride in its last dimension"):

@@ -59,7 +59,8 @@ def kd_loss_forward_cuda(student, teacher, labels, row_weights, spec):
     """kd_loss forward on kdengine._C (see ``primitives`` in kdengine/ops/kd_loss.py).
 
     Args:
-        student, teacher: [N, V] CUDA logits, same dtype (fp32/bf16/fp16).
+        student, teacher: [N, V] CUDA logits (fp32/bf16/fp16), each read in its own dtype: the same
+            dtype, or one side fp32 (no copy of the other).
         labels: [N] integer or None; row_weights: [N] float or None. spec: KDLossSpec.
 
     Returns:
@@ -73,24 +74,25 @@ def kd_loss_forward_cuda(student, teacher, labels, row_weights, spec):
 
 
 def kd_loss_backward_cuda(student, teacher, labels, row_weights, stats, scale, spec, need_grad_student,
-                          need_grad_teacher):
+                          need_grad_teacher, grad_dtypes=(None, None)):
     """kd_loss backward on kdengine._C: the gradients of Σ_rows scale · row_loss.
 
     Args:
         student, teacher, labels, row_weights, spec: as given to :func:`kd_loss_forward_cuda`; stats: its
             statistics. scale: fp32 device tensor, 0-d or [N], dL/d(row_loss).
         need_grad_student / need_grad_teacher: which gradients to write.
+        grad_dtypes: (student's, teacher's) gradient dtype (fp32/bf16/fp16), None for the logits' own.
 
     Returns:
-        (grad_student [N, V] | None, grad_teacher [N, V] | None) in the logits' dtype, computed in fp32
-        with ``scale`` in and rounded once.
+        (grad_student [N, V] | None, grad_teacher [N, V] | None) in those dtypes, computed in fp32 with
+        ``scale`` in and rounded once by the kernel (no conversion pass).
     """
     labels, row_weights = _row_inputs(labels, row_weights)
     with torch.cuda.device(student.device):
         return _module().kd_loss_backward(
             _unit_columns(student), _unit_columns(teacher), labels, row_weights, stats,
             scale.to(torch.float32).contiguous(), *_loss_args(spec), bool(need_grad_student),
-            bool(need_grad_teacher), _stream(student.device))
+            bool(need_grad_teacher), *grad_dtypes, _stream(student.device))
 
 
 def fuse_experts_cuda(experts, temperature, weighting, space, sharpness, weights):

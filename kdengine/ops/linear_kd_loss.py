@@ -20,9 +20,10 @@ weighted by its grad_output.
 Matmuls: with fp16/bf16 CUDA tensors, ``torch.mm(..., out_dtype=torch.float32)`` and
 ``torch.addmm(..., out_dtype=torch.float32)`` (torch >= 2.8, cuBLAS with fp32 output) give the
 fp32 logits and the fp32 dW accumulation; the logit gradients enter dh / dW in the hidden
-states' dtype, as in an unfused model, and the Triton kernel writes them in that dtype directly
-(``grad_dtypes`` of the rows primitive: no fp32 [C, V] gradient). Elsewhere (CPU, fp32, float64) the chunk is upcast to
-the accumulation dtype (fp32, or float64 when an input is float64) and multiplied there.
+states' dtype, as in an unfused model, and every backend's kernel writes them in that dtype
+directly (``grad_dtypes`` of :func:`_kernel_rows`: no fp32 [C, V] gradient, no conversion pass).
+Elsewhere (CPU, fp32, float64) the chunk is upcast to the accumulation dtype (fp32, or float64
+when an input is float64) and multiplied there.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from kdengine.ops.kd_loss import (
     check_row_args,
     grad_scale_for,
     make_spec,
-    rows_primitive,
+    primitives,
 )
 from kdengine.ops.kd_loss import _chunk_rows as _kd_chunk_rows
 from kdengine.reference.kd_loss import kd_loss_rows
@@ -64,16 +65,32 @@ def default_chunk_rows(vocab: int, device: torch.device) -> int:
     return max(1, CPU_CHUNK_ELEMENTS // max(vocab, 1))
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of half CUDA matrices with fp32 accumulation and output (cuBLAS)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b of half CUDA matrices into the fp32 accumulator acc."""
+    return torch.addmm(acc, a, b, out_dtype=torch.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_fp32_out_matmul(dtype: torch.dtype) -> bool:
     """Whether torch.mm / torch.addmm accept ``out_dtype=torch.float32`` for ``dtype`` CUDA inputs."""
     a = torch.ones(2, 2, dtype=dtype, device="cuda")
     try:
-        mm = torch.mm(a, a, out_dtype=torch.float32)
-        acc = torch.addmm(torch.zeros(2, 2, device="cuda"), a, a, out_dtype=torch.float32)
+        mm = _mm_fp32(a, a)
+        acc = _addmm_fp32(torch.zeros(2, 2, device="cuda"), a, a)
     except (RuntimeError, TypeError):
         return False
     return mm.dtype == torch.float32 and acc.dtype == torch.float32
+
+
+def _fp32_out_head(hidden: torch.Tensor, compute: torch.dtype) -> bool:
+    """Whether a head runs on the fp32-output matmuls: half CUDA hidden states, fp32 accumulation."""
+    return (hidden.is_cuda and hidden.dtype in HALF_DTYPES and compute == torch.float32
+            and _cuda_fp32_out_matmul(hidden.dtype))
 
 
 class _Head:
@@ -81,8 +98,7 @@ class _Head:
 
     def __init__(self, hidden, weight, compute, need_hidden, need_weight):
         self.hidden, self.weight, self.compute = hidden, weight, compute
-        self.fp32_out = (hidden.is_cuda and hidden.dtype in HALF_DTYPES and compute == torch.float32
-                         and _cuda_fp32_out_matmul(hidden.dtype))
+        self.fp32_out = _fp32_out_head(hidden, compute)
         # Weight used by the upcast path, converted once per pass (not per chunk).
         self.weight_c = weight if self.fp32_out else weight.to(compute)
         self.grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -102,18 +118,17 @@ class _Head:
         """fp32 (float64) logits [C, V] of the chunk."""
         x = self.hidden[rows]
         if self.fp32_out:
-            return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
+            return _mm_fp32(x, self.weight.t())
         return torch.mm(x.to(self.compute), self.weight_c.t())
 
     def backprop(self, rows: slice, grad_logits: torch.Tensor) -> None:
         """dh[rows] = g @ W and dW += gᵀ @ h[rows] for the chunk's logit gradient g [C, V]."""
         x = self.hidden[rows]
-        if self.fp32_out:
-            g = grad_logits.to(x.dtype)
+        if self.fp32_out:  # grad_logits is already in x's dtype (grad_dtype)
             if self.grad_hidden is not None:
-                torch.mm(g, self.weight, out=self.grad_hidden[rows])
+                torch.mm(grad_logits, self.weight, out=self.grad_hidden[rows])
             if self.grad_weight is not None:
-                self.grad_weight = torch.addmm(self.grad_weight, g.t(), x, out_dtype=torch.float32)
+                self.grad_weight = _addmm_fp32(self.grad_weight, grad_logits.t(), x)
             return
         g = grad_logits.to(self.compute)
         if self.grad_hidden is not None:
@@ -126,8 +141,30 @@ class _Head:
         return self.grad_hidden, weight
 
 
+def _kernel_rows(name: str):
+    """The rows primitive of a fused backend (``triton`` or ``cuda``): row losses and the gradients of
+    Σ row_loss · grad_scale in one call, the backend's forward kernel then its backward kernel with
+    ``scale = grad_scale``.
+
+    ``rows(student, teacher, labels, row_weights, grad_scale, spec, need_grad_student,
+    need_grad_teacher, grad_dtypes=(None, None))``: each kernel reads the logits in their own dtypes
+    (fp32 chunk logits against bf16 teacher logits: no fp32 copy of the teacher) and writes each
+    gradient in its ``grad_dtypes`` entry (None: its logits' dtype) directly.
+    """
+    forward, backward = primitives(name)
+
+    def rows(student, teacher, labels, row_weights, grad_scale, spec, need_grad_student, need_grad_teacher,
+             grad_dtypes=(None, None)):
+        row_loss, stats = forward(student, teacher, labels, row_weights, spec)
+        grad_s, grad_t = backward(student, teacher, labels, row_weights, stats, grad_scale, spec,
+                                  need_grad_student, need_grad_teacher, grad_dtypes=grad_dtypes)
+        return row_loss, grad_s, grad_t
+
+    return rows
+
+
 def _torch_rows(student, teacher, labels, row_weights, grad_scale, spec, need_s, need_t, grad_dtypes=(None, None)):
-    """The rows primitive (:func:`kdengine.ops.kd_loss.rows_primitive`) on the reference math: row
+    """The rows primitive (:func:`_kernel_rows`) on the reference math: row
     losses, then autograd, over sub-chunks of kd_loss's torch-backend size (the reference keeps ~a
     dozen [rows, V] temporaries alive); the teacher is converted to the student's dtype per sub-chunk."""
     n, v = student.shape
@@ -372,7 +409,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     compute = accumulation_dtype(student_hidden, student_weight, teacher_logits, teacher_hidden,
                                  teacher_weight)
     grad_scale = grad_scale_for(reduction, normalizer, labels, spec, n, v, device, compute)
-    primitive = _torch_rows if name == "torch" else rows_primitive(name)
+    primitive = _torch_rows if name == "torch" else _kernel_rows(name)
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_rows(v, device)
     return LinearKDLossFunction.apply(student_hidden, student_weight, teacher_logits, teacher_hidden,
                                       teacher_weight, labels, row_weights, grad_scale, spec, reduction, chunk,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdengine.ops import BackendUnavailable
-from kdengine.ops.kd_loss import make_spec, rows_primitive
+from kdengine.ops.kd_loss import make_spec
 from kdengine.ops.linear_kd_loss import default_chunk_rows, linear_kd_loss
 from kdengine.reference.kd_loss import kd_loss_reference
 from tests.conftest import device_for
@@ -169,7 +169,7 @@ def test_rows_primitive_mixed_dtypes(backend, divergence):
     teacher = (torch.randn(n, v) * 3).to(torch.bfloat16).to(device)
     spec = make_spec(divergence=divergence, temperature=2.0, t2_scale=True, jsd_beta=0.5, ignore_index=-100,
                      kd_weight=1.0, hard_weight=0.0)
-    primitive = linear_module._torch_rows if backend == "torch" else rows_primitive(backend)
+    primitive = linear_module._torch_rows if backend == "torch" else linear_module._kernel_rows(backend)
     scale = torch.tensor(0.7, device=device)
     row_loss, grad_s, grad_t = primitive(student, teacher, None, None, scale, spec, True, True,
                                          (torch.bfloat16, None))
