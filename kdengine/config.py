@@ -79,6 +79,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _method_list(names: list[str]) -> str:
+    """'method a' or 'methods a, b, c'."""
+    return f"method {names[0]}" if len(names) == 1 else f"methods {', '.join(names)}"
+
+
 def _label(method_cls) -> str:
     """A method's name as --method takes it."""
     builtin = REGISTRY.get(method_cls.name)
@@ -87,10 +92,11 @@ def _label(method_cls) -> str:
 
 
 def _methods(method_cls=None) -> dict[str, type]:
-    """{label: class} of the built-in methods, and of ``method_cls`` when it is not one."""
+    """{label: class} of the built-in methods, led by ``method_cls`` when it is not one (so --help
+    lists all of an out-of-tree method's options in its own group, shared names included)."""
     methods = builtin_methods()
     if method_cls is not None and method_cls not in methods.values():
-        methods[_label(method_cls)] = method_cls
+        methods = {_label(method_cls): method_cls, **methods}
     return methods
 
 
@@ -121,7 +127,7 @@ def _split(values: dict, method_cls, source: str, flag: bool) -> tuple[dict, dic
         elif key in mine:
             specific[key] = value
         elif key in owners:
-            raise ConfigError(f"option {shown} in {source} belongs to method {' and '.join(owners[key])}, not to "
+            raise ConfigError(f"option {shown} in {source} belongs to {_method_list(owners[key])}, not to "
                               f"the method of this run, {_label(method_cls)}")
         else:
             where = "" if flag else f" in {source}"

@@ -21,7 +21,10 @@ def test_help_lists_every_option_with_its_default(capsys):
     for name in names:
         assert f"--{name}" in out, name
     assert "options of method vanilla_kd:" in out and "options of method pee_kd:" in out
-    assert "(default: 4.0; methods vanilla_kd, pee_kd)" in out          # kd_temperature, shared
+    sharing = [name for name, cls in builtin_methods().items()
+               if "kd_temperature" in Schema(cls.options_class).fields]
+    assert {"vanilla_kd", "pee_kd"} <= set(sharing), sharing
+    assert f"(default: 4.0; methods {', '.join(sharing)})" in out           # kd_temperature, shared
     assert "(default: 'pee_kd')" in out
     assert "(default: 5e-05; 0.001 on the embedded synthetic task)" in out          # learning_rate
     assert "--config" in out
@@ -106,7 +109,7 @@ def test_a_method_option_given_to_another_method_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"option --num_experts in the command line belongs to method pee_kd, not "
                                           r"to the method of this run, vanilla_kd"):
         parse_args(["--method", "vanilla_kd", "--num_experts", "2"])
-    with pytest.raises(ConfigError, match=r"--kd_temperature .* belongs to method vanilla_kd and pee_kd, .* no_kd"):
+    with pytest.raises(ConfigError, match=r"--kd_temperature .* belongs to methods vanilla_kd, pee_kd, .* no_kd"):
         parse_args(["--method", "no_kd", "--kd_temperature", "2"])
     path = tmp_path / "run.yaml"
     path.write_text("method: pee_kd\nnum_experts: 2\n")
@@ -124,7 +127,7 @@ def test_shared_options_carry_over_to_the_baselines():
 
 
 @pytest.mark.parametrize("method, message", [
-    ("pee", r"unknown method 'pee' \(did you mean 'pee_kd'\?\); built-in methods: no_kd, vanilla_kd, pee_kd, or "
+    ("pee", r"unknown method 'pee' \(did you mean 'pee_kd'\?\); built-in methods: no_kd, vanilla_kd, pee_kd, .*, or "
             r"pass package.module:ClassName"),
     ("no_such_package.mod:Thing", r"module 'no_such_package.mod' does not import \(ModuleNotFoundError"),
     ("kdengine.methods.baselines:Missing", r"module 'kdengine.methods.baselines' has no 'Missing'"),
