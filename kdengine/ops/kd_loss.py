@@ -254,32 +254,6 @@ def primitives(name: str):
     raise ValueError(name)
 
 
-def rows_primitive(name: str):
-    """Row losses and the gradients of Σ row_loss · grad_scale in one call (linear_kd_loss's chunks):
-    the backend's forward, then its backward with ``scale = grad_scale``.
-
-    ``rows(student, teacher, labels, row_weights, grad_scale, spec, need_grad_student,
-    need_grad_teacher, grad_dtypes=(None, None))``: the logits may differ in dtype (fp32 student
-    logits against bf16 teacher logits: no fp32 copy of the teacher on Triton), and ``grad_dtypes``
-    asks for the gradients in another dtype than the logits' (bf16 gradients of fp32 logits, written
-    directly). The CUDA kernels take one dtype: there the teacher is converted and the gradients
-    come in the logits' dtype (the caller rounds them).
-    """
-    forward, backward = primitives(name)
-
-    def rows(student, teacher, labels, row_weights, grad_scale, spec, need_grad_student, need_grad_teacher,
-             grad_dtypes=(None, None)):
-        extra = {"grad_dtypes": grad_dtypes}
-        if name == "cuda":
-            teacher, extra = teacher.to(student.dtype), {}
-        row_loss, stats = forward(student, teacher, labels, row_weights, spec)
-        grad_s, grad_t = backward(student, teacher, labels, row_weights, stats, grad_scale, spec,
-                                  need_grad_student, need_grad_teacher, **extra)
-        return row_loss, grad_s, grad_t
-
-    return rows
-
-
 class KDLossFunction(torch.autograd.Function):
     """Fused backends, recompute-in-backward: the forward keeps the logits (saved, not copied) and
     fp32 row statistics; the backward re-reads the logits and writes each gradient once, already
