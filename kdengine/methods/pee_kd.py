@@ -69,7 +69,7 @@ class PEEKDOptions(KDLossOptions):
     selector: str = option("learned", "learned selector routing to the top experts, or none (all)", ("learned", "none"))
     teacher_top_k: int | None = option(None, "experts run per example (None = all)")
     expert_weighting_loss: str = option("uncertainty", "expert training loss weighting", ("uncertainty", "none"))
-    uncertainty_temperature: float = option(0.05, "expert loss weights a = softmax(u / uncertainty_temperature) "
+    uncertainty_temperature: float = option(0.2, "expert loss weights a = softmax(u / uncertainty_temperature) "
                                                   "over the batch certainties u in [0, 1]; 1.0 is the paper-faithful "
                                                   "form (near-uniform weights)")
     expert_learning_rate: float = option(1e-2, "learning rate of the prompt experts")

@@ -100,8 +100,10 @@ class ExpertSelector(nn.Module):
         return selector
 
 
+@torch.no_grad()
 def backbone_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-    """The frozen backbone's final-layer [CLS] (first-position) state, without prompts: [B, H] fp32."""
+    """The frozen backbone's final-layer [CLS] (first-position) state, without prompts: [B, H] fp32, a
+    constant (no gradient reaches the backbone)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
     return out.hidden_states[-1][:, 0].float()
 
