@@ -251,7 +251,7 @@ class PEEKD(Method):
             preds[key] = []
         if self.selector is not None:
             preds["selector_routed"] = []
-        refs, routing_hits, routing_total = [], 0, 0
+        refs, routing_hits, routing_total, split_hits, split_total = [], 0, 0, 0, 0
         timings = {"all_experts_s": 0.0, "routed_s": 0.0}
         gather = lambda t: _gather(acc, t, ctx.args.max_seq_length)  # noqa: E731
         for batch in loader:
@@ -275,8 +275,11 @@ class PEEKD(Method):
                 timings["routed_s"] += time.perf_counter() - t0
                 preds["selector_routed"].append(gather(one.argmax(-1)))
                 hits = gather((routed == best).long())
+                split = gather((disagreement(logits, labels) > 0).long())  # experts not unanimous
                 routing_hits += int(hits.sum())
                 routing_total += int(hits.numel())
+                split_hits += int((hits * split).sum())
+                split_total += int(split.sum())
             refs.append(gather(labels))
         references = torch.cat(refs).numpy()
         report = {}
@@ -288,12 +291,15 @@ class PEEKD(Method):
             best = max(range(k), key=lambda i: report[f"expert_{i}"][metric])
             routed = report["selector_routed"]
             routed["eval_routing_accuracy"] = routing_hits / max(routing_total, 1)
+            routed["disagreement_examples"] = split_total
+            routed["eval_routing_accuracy_on_disagreement"] = split_hits / max(split_total, 1)
             routed["routing_chance"] = 1 / k
             routed["best_single_expert"] = best
             routed[f"best_single_expert_{metric}"] = report[f"expert_{best}"][metric]
             routed["teacher_forward_speedup"] = timings["all_experts_s"] / max(timings["routed_s"], 1e-9)
             ctx.log(f"[pee_kd] selector: routing accuracy {routed['eval_routing_accuracy']:.3f} "
-                    f"(chance {1 / k:.3f}); routed {metric} {routed[metric]:.4f} vs best single expert "
+                    f"({routed['eval_routing_accuracy_on_disagreement']:.3f} on the {split_total} examples where "
+                    f"the experts disagree; chance {1 / k:.3f}); routed {metric} {routed[metric]:.4f} vs best single expert "
                     f"(expert_{best}) {report[f'expert_{best}'][metric]:.4f}; one expert per example, "
                     f"{routed['teacher_forward_speedup']:.2f}x faster than all {k}")
         return report

@@ -160,6 +160,8 @@ def test_pee_kd_variants_run_and_report(tmp_path, flags):
         assert routed["best_single_expert_eval_accuracy"] == report[f"expert_{best}"]["eval_accuracy"]
         assert routed["routing_chance"] == pytest.approx(1 / 3)
         assert 0.0 <= routed["eval_routing_accuracy"] <= 1.0
+        assert 0 <= routed["disagreement_examples"] <= 32
+        assert 0.0 <= routed["eval_routing_accuracy_on_disagreement"] <= 1.0
         # The runtime on the saved run reproduces the evaluation's routed teacher.
         validation = make_synthetic_task(seed=42, n_train=96, n_validation=32, n_test=0)
         preds = ExpertRuntime.from_pretrained(str(out)).predict([ex["text"] for ex in validation.validation])
