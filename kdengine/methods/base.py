@@ -21,6 +21,7 @@ A method is found by name (:mod:`kdengine.methods`): a built-in short name, or
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +34,34 @@ from kdengine.constants import TASKS
 from kdengine.options import MethodOptions, TrainConfig
 
 STUDENT = "student"
+
+
+@dataclass
+class RunSpec:
+    """What a run is about to do, before anything trains or is written (:meth:`Method.check_run`).
+    The models' configs are read on first access (a method that checks no model reads none)."""
+
+    args: TrainConfig
+    options: MethodOptions
+    label_names: list[str]
+    domain_names: list[str] | None      # domains of the training split (None without a domain column)
+    train_dataset: Any                  # tokenized training split (items carry "domain" with domains)
+    teacher_sources: list[str]          # teacher_model_name_or_path as given
+    embedded: bool                      # the embedded synthetic task with its tiny models
+    student_source: str | None          # model_name_or_path; None: the teacher's first student_num_layers
+    read_config: Callable[[str], Any]   # source -> its transformers config (PretrainedConfig)
+
+    @functools.cached_property
+    def teacher_configs(self) -> list[Any]:
+        return [self.read_config(source) for source in self.teacher_sources]
+
+    @functools.cached_property
+    def student_config(self) -> Any:
+        """The student's config; built from the teacher's: num_hidden_layers = student_num_layers."""
+        if self.student_source is not None:
+            return self.read_config(self.student_source)
+        teacher = self.teacher_configs[0]
+        return teacher.__class__.from_dict({**teacher.to_dict(), "num_hidden_layers": self.args.student_num_layers})
 
 
 @dataclass
@@ -160,6 +189,14 @@ class Method:
     def stage_names(cls, options: MethodOptions) -> tuple[str, ...]:
         """The stages of a run with ``options`` (default ``cls.stages``); checked before any work."""
         return tuple(cls.stages)
+
+    @classmethod
+    def check_run(cls, run: RunSpec) -> None:
+        """Checks of the method's options against the run's data and models that need nothing
+        trained (number of teachers, domains, layer maps against the configs' depths). The trainer
+        calls it after the data and models are validated and before anything is written or
+        trained; raise ConfigError/ValueError with what was wrong and what was expected. Default:
+        nothing to check."""
 
     # ---- stages ----
     def build_stage(self, name: str, student: torch.nn.Module) -> Stage:

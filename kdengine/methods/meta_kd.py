@@ -303,6 +303,50 @@ class DistillHeads(nn.Module):
 
 # ---------------------------------------------------------------------------- the method
 
+def check_domains(domain_names: list[str] | None, opts: MetaKDOptions) -> None:
+    """ConfigError unless the training data has two or more domains and target_domain is one."""
+    if not domain_names:
+        raise ConfigError("method meta_kd needs a domain per training example and the training data has none "
+                          "(no domain column); use the embedded synthetic task or a multi-domain reader (the "
+                          "Amazon reviews: train_file <sorted_data_acl directory>#train)")
+    if len(domain_names) < 2:
+        raise ConfigError(f"method meta_kd needs at least two domains (prototype scores compare a domain with "
+                          f"the others); the training data has only {domain_names}")
+    if opts.target_domain != ALL_DOMAINS and opts.target_domain not in domain_names:
+        raise ConfigError(f"target_domain {opts.target_domain!r} is not a domain of the training data; its "
+                          f"domains: {', '.join(domain_names)} (or 'all')")
+
+
+def target_examples(domains: torch.Tensor, names: list[str], opts: MetaKDOptions, seed: int) -> list[int]:
+    """The example ids the distillation stages train on: target_domain's (all for 'all'), a seeded
+    target_train_fraction of them; ConfigError when there are none. ``domains``: [N] indices into names."""
+    if opts.target_domain == ALL_DOMAINS:
+        ids = list(range(len(domains)))
+    else:
+        ids = torch.nonzero(domains == names.index(opts.target_domain))[:, 0].tolist()
+    if opts.target_train_fraction < 1.0:
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+        ids = sorted(ids[i] for i in order[:math.floor(opts.target_train_fraction * len(ids))])
+    if not ids:
+        raise ConfigError(f"target_train_fraction {opts.target_train_fraction} of the training examples of "
+                          f"target_domain {opts.target_domain!r} leaves none; raise it")
+    return ids
+
+
+def resolve_layer_map(layer_map: str, k: int, m: int) -> list[tuple[int, int]]:
+    """(student layer, meta-teacher layer) pairs for a k-layer student and an m-layer teacher
+    (0 = embeddings; ``uniform``: j -> j·m // k); ConfigError for a layer a model does not have."""
+    explicit = parse_layer_map(layer_map)
+    if explicit is None:
+        return [(j, j * m // k) for j in range(k + 1)]
+    for s, t in explicit[0]:
+        if s > k or t > m:
+            raise ConfigError(f"layer_map pair {s}:{t} names {'student' if s > k else 'teacher'} layer "
+                              f"{s if s > k else t}, but the student has {k} layers and the meta-teacher {m} "
+                              f"(0 = embeddings)")
+    return explicit[0]
+
+
 class MetaKD(VanillaKD):
     """Meta-KD (module docstring). Subclasses VanillaKD for its student-stage loss form."""
 
@@ -311,22 +355,21 @@ class MetaKD(VanillaKD):
     tasks = ("sequence_classification",)
     stages = (META_TEACHER, DISTILL, STUDENT)
 
+    @classmethod
+    def check_run(cls, run) -> None:
+        """Before any work: the domains, target_domain, and the layer map against the configs' depths."""
+        check_domains(run.domain_names, run.options)
+        target_examples(torch.tensor([item["domain"] for item in run.train_dataset]), run.domain_names, run.options,
+                        run.args.seed)
+        resolve_layer_map(run.options.layer_map, run.student_config.num_hidden_layers,
+                          run.teacher_configs[0].num_hidden_layers)
+
     def __init__(self, ctx):
         super().__init__(ctx)
-        opts = self.options
-        if not ctx.domain_names:
-            raise ConfigError("method meta_kd needs a domain per training example and the training data has none "
-                              "(no domain column); use the embedded synthetic task or a multi-domain reader (the "
-                              "Amazon reviews: train_file <sorted_data_acl directory>#train)")
-        if len(ctx.domain_names) < 2:
-            raise ConfigError(f"method meta_kd needs at least two domains (prototype scores compare a domain with "
-                              f"the others); the training data has only {ctx.domain_names}")
-        if opts.target_domain != ALL_DOMAINS and opts.target_domain not in ctx.domain_names:
-            raise ConfigError(f"target_domain {opts.target_domain!r} is not a domain of the training data; its "
-                              f"domains: {', '.join(ctx.domain_names)} (or 'all')")
+        check_domains(ctx.domain_names, self.options)
         self.full_train = ctx.train_dataset
         self.domains = torch.tensor([item["domain"] for item in self.full_train])
-        self.target_ids = self._target_examples()
+        self.target_ids = target_examples(self.domains, ctx.domain_names, self.options, ctx.args.seed)
         self.prototype: torch.Tensor | None = None       # t_i by example_id
         self.weights: torch.Tensor | None = None         # ω_i by example_id
         self.meta_teacher: MetaTeacher | None = None
@@ -336,33 +379,10 @@ class MetaKD(VanillaKD):
         self.student_domains: dict | None = None
         self.report: dict[str, dict] = {}
 
-    def _target_examples(self) -> list[int]:
-        """The example ids the distillation stages train on (ConfigError when there are none)."""
-        opts, names = self.options, self.ctx.domain_names
-        if opts.target_domain == ALL_DOMAINS:
-            ids = list(range(len(self.full_train)))
-        else:
-            ids = torch.nonzero(self.domains == names.index(opts.target_domain))[:, 0].tolist()
-        if opts.target_train_fraction < 1.0:
-            order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(self.ctx.args.seed)).tolist()
-            ids = sorted(ids[i] for i in order[:math.floor(opts.target_train_fraction * len(ids))])
-        if not ids:
-            raise ConfigError(f"target_train_fraction {opts.target_train_fraction} of the training examples of "
-                              f"target_domain {opts.target_domain!r} leaves none; raise it")
-        return ids
-
     # ------------------------------------------------------------------ checks and preprocessing
     def _resolve_layer_map(self, student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
-        k, m = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        explicit = parse_layer_map(self.options.layer_map)
-        if explicit is None:
-            return [(j, j * m // k) for j in range(k + 1)]
-        for s, t in explicit[0]:
-            if s > k or t > m:
-                raise ConfigError(f"layer_map pair {s}:{t} names {'student' if s > k else 'teacher'} layer "
-                                  f"{s if s > k else t}, but the student has {k} layers and the meta-teacher {m} "
-                                  f"(0 = embeddings)")
-        return explicit[0]
+        return resolve_layer_map(self.options.layer_map, student.config.num_hidden_layers,
+                                 teacher.config.num_hidden_layers)
 
     def _capture_attention(self, teacher: nn.Module, student: nn.Module) -> None:
         """Score hooks of both models (ConfigError without BERT-like attention); head-averaged scores when

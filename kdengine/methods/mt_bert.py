@@ -218,6 +218,40 @@ def _backbone(source: str, task: str, label_names: list[str]) -> nn.Module:
     return _without_pooler(model.base_model)
 
 
+def check_teacher_count(sources: list[str], embedded: bool) -> bool:
+    """Whether the run uses the embedded extra teachers (one tiny teacher on the embedded task);
+    ConfigError for fewer than two teachers otherwise."""
+    if len(sources) == 1 and embedded:
+        return True
+    if len(sources) < 2:
+        raise ConfigError(f"method mt_bert distils several teachers; teacher_model_name_or_path gives "
+                          f"{len(sources)}: pass two or more (a comma list, or a YAML list)")
+    return False
+
+
+def resolve_layer_maps(layer_map: str, student_layers: int, teacher_layers: list[int],
+                       sources: list[str]) -> list[list[tuple[int, int]]]:
+    """One list of (student layer, teacher layer) pairs per teacher (0 = embeddings): ``uniform``
+    maps student layer j to teacher layer j·m // k; ConfigError for a layer a model does not have."""
+    explicit = parse_layer_map(layer_map)
+    n = len(teacher_layers)
+    if explicit is None:
+        return [[(j, j * m // student_layers) for j in range(1, student_layers + 1)] for m in teacher_layers]
+    if len(explicit) not in (1, n):
+        raise ConfigError(f"layer_map gives {len(explicit)} pair lists for {n} teachers; give one list for "
+                          f"every teacher or one per teacher")
+    maps = explicit * n if len(explicit) == 1 else explicit
+    for i, (pairs, m) in enumerate(zip(maps, teacher_layers)):
+        for s, t in pairs:
+            if s > student_layers:
+                raise ConfigError(f"layer_map pair {s}:{t} names student layer {s}, but the student has "
+                                  f"{student_layers} layers (0 = embeddings)")
+            if t > m:
+                raise ConfigError(f"layer_map pair {s}:{t} names layer {t} of teacher {i} "
+                                  f"({sources[i]}), which has {m} layers (0 = embeddings)")
+    return maps
+
+
 class MTBERT(VanillaKD):
     """MT-BERT (module docstring). Subclasses VanillaKD for the averaged-logits student's loss."""
 
@@ -227,14 +261,21 @@ class MTBERT(VanillaKD):
 
     stages = (CO_FINETUNE, STUDENT)
 
+    @classmethod
+    def check_run(cls, run) -> None:
+        """Before any work: two or more teachers, and the layer map against the configs' depths."""
+        if check_teacher_count(run.teacher_sources, run.embedded):
+            return                  # the embedded extra teachers are built (and checked) by the method
+        opts = run.options
+        if opts.teacher_fusion == "confidence" and opts.hidden_weight != 0:
+            resolve_layer_maps(opts.layer_map, run.student_config.num_hidden_layers,
+                               [c.num_hidden_layers for c in run.teacher_configs], run.teacher_sources)
+
     def __init__(self, ctx):
         from kdengine.config import is_embedded  # noqa: PLC0415 (kdengine.config imports the registry)
 
         super().__init__(ctx)
-        self.embedded = is_embedded(ctx.args) and len(ctx.teacher_sources) == 1
-        if len(ctx.teacher_sources) < 2 and not self.embedded:
-            raise ConfigError(f"method mt_bert distils several teachers; teacher_model_name_or_path gives "
-                              f"{len(ctx.teacher_sources)}: pass two or more (a comma list, or a YAML list)")
+        self.embedded = check_teacher_count(ctx.teacher_sources, is_embedded(ctx.args))
         self.sources = list(ctx.teacher_sources)
         self.teachers = list(ctx.teachers)      # each fine-tuned alone (frozen)
         self.co_teachers: CoFinetunedTeachers | None = None
@@ -257,25 +298,6 @@ class MTBERT(VanillaKD):
                               f"hidden_weight 0)")
         return len(states) - 1, states[-1].shape[-1]
 
-    def _resolve_layer_maps(self, student_layers: int, teacher_layers: list[int]) -> list[list[tuple[int, int]]]:
-        explicit = parse_layer_map(self.options.layer_map)
-        n = len(teacher_layers)
-        if explicit is None:
-            return [[(j, j * m // student_layers) for j in range(1, student_layers + 1)] for m in teacher_layers]
-        if len(explicit) not in (1, n):
-            raise ConfigError(f"layer_map gives {len(explicit)} pair lists for {n} teachers; give one list for "
-                              f"every teacher or one per teacher")
-        maps = explicit * n if len(explicit) == 1 else explicit
-        for i, (pairs, m) in enumerate(zip(maps, teacher_layers)):
-            for s, t in pairs:
-                if s > student_layers:
-                    raise ConfigError(f"layer_map pair {s}:{t} names student layer {s}, but the student has "
-                                      f"{student_layers} layers (0 = embeddings)")
-                if t > m:
-                    raise ConfigError(f"layer_map pair {s}:{t} names layer {t} of teacher {i} "
-                                      f"({self.sources[i]}), which has {m} layers (0 = embeddings)")
-        return maps
-
     def _check(self, student: nn.Module | None, backbones: list[nn.Module]) -> None:
         """Hidden states and layer maps of the student and the teachers (ConfigError) before MT-BERT trains."""
         if self.options.teacher_fusion != "confidence" or self.options.hidden_weight == 0 or student is None:
@@ -283,7 +305,7 @@ class MTBERT(VanillaKD):
         layers, widths = zip(*(self._probe(b, f"teacher {i} ({s})")
                                for i, (b, s) in enumerate(zip(backbones, self.sources))))
         student_layers, student_width = self._probe(student, "the student")
-        self.layer_maps = self._resolve_layer_maps(student_layers, list(layers))
+        self.layer_maps = resolve_layer_maps(self.options.layer_map, student_layers, list(layers), self.sources)
         self.sizes = (student_width, list(widths))
 
     # ------------------------------------------------------------------ the embedded task's teachers

@@ -247,6 +247,25 @@ def check_stage_inputs(cfg: TrainConfig, plan: RunPlan) -> None:
                              "student (or all) first")
 
 
+def run_spec(cfg: TrainConfig, plan: RunPlan):
+    """The :class:`~kdengine.methods.base.RunSpec` of a validated run (model configs read from
+    where the models are now: the tiny models' temporary build before they move into place)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from kdengine.config import is_embedded  # noqa: PLC0415
+    from kdengine.methods.base import RunSpec  # noqa: PLC0415
+
+    def read_config(source: str):
+        if plan.tiny_build is not None:
+            source = os.path.join(plan.tiny_build, os.path.basename(source))
+        return AutoConfig.from_pretrained(source)
+
+    return RunSpec(args=cfg, options=cfg.options, label_names=plan.inputs.label_names,
+                   domain_names=plan.inputs.domain_names, train_dataset=plan.inputs.train_dataset,
+                   teacher_sources=list(plan.teacher_srcs), embedded=is_embedded(cfg),
+                   student_source=plan.student_src, read_config=read_config)
+
+
 def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
     """Every check that can run before any work (options, output_dir, resume checkpoints, method,
     backends, precision, data, labels, models' limits, stage inputs); writes nothing but tiny models
@@ -271,6 +290,7 @@ def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
     check_precision(cfg)
     inputs, teacher_srcs, student_src, tiny, tiny_build = load_inputs(cfg, log, scratch)
     plan = RunPlan(inputs, teacher_srcs, student_src, tiny, resume, replace_output_dir, tiny_build)
+    method_cls.check_run(run_spec(cfg, plan))
     if cfg.teacher_cache is not None:
         from kdengine.teacher_cache import open_for_run  # noqa: PLC0415
 
