@@ -85,8 +85,8 @@ def make_spec(*, divergence, temperature, t2_scale, jsd_beta, ignore_index, kd_w
         t2_scale=bool(t2_scale),
         jsd_beta=_check_number("jsd_beta", jsd_beta, minimum=0.0, maximum=1.0),
         ignore_index=int(ignore_index),
-        kd_weight=_check_number("kd_weight", kd_weight),
-        hard_weight=_check_number("hard_weight", hard_weight),
+        kd_weight=_check_number("kd_weight", kd_weight, minimum=0),
+        hard_weight=_check_number("hard_weight", hard_weight, minimum=0),
     )
 
 
@@ -101,6 +101,8 @@ def check_logits_pair(student: torch.Tensor, teacher: torch.Tensor, *, what: str
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [N, V] (flatten batch and sequence first), "
                              f"got shape {tuple(t.shape)}")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has V=0 columns; the vocabulary needs at least one")
     if student.shape[1] != teacher.shape[1]:
         raise ValueError(f"vocabulary mismatch: student_logits has V={student.shape[1]} but {what} has "
                          f"V={teacher.shape[1]}; both must cover the same vocabulary")

@@ -455,6 +455,9 @@ def _bad(**overrides):
     (_bad(normalizer=0.0), r"normalizer must be > 0"),
     (_bad(hard_weight=1.0), r"hard_weight != 0 needs labels"),
     (_bad(row_weights=torch.ones(5)), r"row_weights must have shape \[N\]=\[4\]"),
+    (_bad(student_logits=torch.randn(4, 0), teacher_logits=torch.randn(4, 0)), r"student_logits has V=0 columns"),
+    (_bad(kd_weight=-0.5), r"kd_weight must be >= 0, got -0.5"),
+    (_bad(hard_weight=-1.0, labels=torch.zeros(4, dtype=torch.long)), r"hard_weight must be >= 0, got -1.0"),
 ])
 def test_validation_errors(args, match):
     with pytest.raises(ValueError, match=match):
