@@ -82,6 +82,15 @@ def check_teacher_labels(sources: list[str]) -> None:
         seen = seen or (source, labels)
 
 
+def text_positions(config) -> int | None:
+    """How many token positions a model with this transformers config reads (None: not stated);
+    RoBERTa-style models lose the padding index and the ones below it."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and ("roberta" in str(config.model_type) or config.model_type == "camembert"):
+        positions -= (config.pad_token_id or 0) + 1          # positions start after the padding index
+    return positions
+
+
 def load_tokenizer(name_or_path: str, what: str):
     path = resolve(name_or_path, what)
     try:

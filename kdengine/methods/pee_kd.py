@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from kdengine import models
 from kdengine.constants import IGNORE_INDEX
 from kdengine.methods.base import STUDENT, Method, Stage
 from kdengine.methods.baselines import KDLossOptions
@@ -45,7 +46,7 @@ from kdengine.methods.selector import (
 )
 from kdengine.metrics import compute_metrics
 from kdengine.ops import fuse_experts, fused_experts_kd_loss, kd_loss
-from kdengine.options import option
+from kdengine.options import ConfigError, option
 
 EXPERTS = "experts"
 SELECTOR = "selector"
@@ -124,6 +125,21 @@ class PEEKD(Method):
     @classmethod
     def stage_names(cls, options: PEEKDOptions) -> tuple[str, ...]:
         return (EXPERTS, SELECTOR, STUDENT) if options.selector == "learned" else (EXPERTS, STUDENT)
+
+    @classmethod
+    def check_run(cls, run) -> None:
+        """Before any work: input prompts (prompt_kind prompt) must fit the teacher's positions."""
+        opts = run.options
+        if opts.prompt_kind != "prompt":
+            return                    # a deep prefix adds keys/values, not positions
+        positions = models.text_positions(run.teacher_configs[0])
+        needed = run.args.max_seq_length + opts.num_virtual_tokens
+        if positions is not None and needed > positions:
+            raise ConfigError(f"prompt_kind prompt puts num_virtual_tokens={opts.num_virtual_tokens} prompt tokens "
+                              f"beside max_seq_length={run.args.max_seq_length} text tokens: {needed} positions, but "
+                              f"the teacher {run.teacher_sources[0]!r} has {positions}; lower max_seq_length to "
+                              f"{positions - opts.num_virtual_tokens} (or num_virtual_tokens), or use prompt_kind "
+                              f"prefix")
 
     def __init__(self, ctx):
         super().__init__(ctx)

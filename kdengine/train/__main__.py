@@ -121,11 +121,11 @@ def check_model_limits(cfg: TrainConfig, sources: list[tuple[str, str]], tokeniz
     within the first teacher's layers (read from the configs)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
+    from kdengine import models  # noqa: PLC0415
+
     for index, (role, source) in enumerate(sources):
         config = AutoConfig.from_pretrained(source)
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if positions is not None and ("roberta" in str(config.model_type) or config.model_type == "camembert"):
-            positions -= (config.pad_token_id or 0) + 1          # positions start after the padding index
+        positions = models.text_positions(config)
         if positions is not None and cfg.max_seq_length > positions:
             raise ValueError(f"max_seq_length={cfg.max_seq_length} exceeds the {positions} positions of {role} "
                              f"{source!r}; pass --max_seq_length {positions} or less")

@@ -237,6 +237,10 @@ CASES = {
                                            r"model_name_or_path .*empty_model_dir' is a directory without config.json"),
     "max_seq_length above the model's positions": lambda a, o: (dict(max_seq_length=1000),
                                                                 r"max_seq_length=1000 exceeds the 512 positions"),
+    "input prompts beyond the teacher's positions": lambda a, o: (
+        dict(prompt_kind="prompt", max_seq_length=510, num_virtual_tokens=8),
+        r"num_virtual_tokens=8 prompt tokens beside max_seq_length=510 text tokens: 518 positions, but the teacher "
+        r".* has 512; lower max_seq_length to 504"),
     "student_num_layers above the teacher's": lambda a, o: (dict(student_num_layers=9),
                                                             r"student_num_layers must be in \[1, 4\]"),
     "tokenizer larger than the embeddings": lambda a, o: (
