@@ -23,9 +23,11 @@ import os
 import re
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
 import yaml
 
+from kdengine.methods.pee_kd import BACKBONE_FILE
 from kdengine.methods.selector import SELECTOR_CONFIG, ExpertSelector, expert_scores, selector_logits
 from kdengine.models import AUTO_CLASSES, load_tokenizer, saved_labels
 from kdengine.ops import fuse_experts
@@ -77,14 +79,17 @@ class ExpertRuntime:
                              f"train it with --method pee_kd (method={cfg.get('method')!r})")
         if cfg.get("task") != "sequence_classification":
             raise ValueError(f"{output_dir}: task {cfg.get('task')!r}; ExpertRuntime serves sequence_classification")
-        if cfg.get("teacher_backbone") == "trainable":
-            raise ValueError(f"{output_dir} was trained with teacher_backbone: trainable, whose backbone is not "
-                             "saved with the experts; only frozen-backbone runs can be served")
+        trained_backbone = os.path.join(experts_dir, BACKBONE_FILE)
+        if cfg.get("teacher_backbone") == "trainable" and not os.path.isfile(trained_backbone):
+            raise ValueError(f"{output_dir} was trained with teacher_backbone: trainable but {trained_backbone} is "
+                             "missing (written since the experts stage saves its backbone); retrain the experts")
         local = os.path.join(output_dir, "teacher")
         backbone = local if os.path.isfile(os.path.join(local, "config.json")) else cfg.get("teacher_model_name_or_path")
         if not backbone:
             raise ValueError(f"{output_dir} has neither teacher/ nor a teacher_model_name_or_path in config.yaml")
         model = AUTO_CLASSES[cfg["task"]].from_pretrained(backbone)
+        if cfg.get("teacher_backbone") == "trainable":
+            safetensors.torch.load_model(model, trained_backbone)      # trained with the prompts
         experts = PromptExperts.from_pretrained(experts_dir, model, backend=kernel_backend).to(device)
         selector_dir = os.path.join(output_dir, "selector")
         selector = (ExpertSelector.from_pretrained(selector_dir).to(device)

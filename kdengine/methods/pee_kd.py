@@ -26,9 +26,11 @@ mid-stage resume, metrics.jsonl in ``output_dir/stages/<stage>/``) and written a
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -50,6 +52,7 @@ from kdengine.options import ConfigError, option
 
 EXPERTS = "experts"
 SELECTOR = "selector"
+BACKBONE_FILE = "backbone.safetensors"     # the experts stage's backbone when teacher_backbone is trainable
 
 
 @dataclass
@@ -186,7 +189,11 @@ class PEEKD(Method):
         return super().training_step(step, batch)
 
     def save_stage(self, stage: Stage, directory: str):
-        stage.modules[stage.name].save_pretrained(directory)
+        module = stage.modules[stage.name]
+        module.save_pretrained(directory)
+        if stage.name == EXPERTS and self.options.teacher_backbone == "trainable":
+            # the prompts were trained together with the backbone: keep the backbone they belong to
+            safetensors.torch.save_model(module.model, os.path.join(directory, BACKBONE_FILE))
         return None
 
     def load_stage(self, name: str, directory: str, student) -> Stage:
@@ -195,8 +202,15 @@ class PEEKD(Method):
         if name == EXPERTS:
             from kdengine.experts import PromptExperts  # noqa: PLC0415
 
-            module = PromptExperts.from_pretrained(directory, copy.deepcopy(ctx.teacher),
-                                                   backend=ctx.args.kernel_backend)
+            backbone = copy.deepcopy(ctx.teacher)
+            if opts.teacher_backbone == "trainable":
+                path = os.path.join(directory, BACKBONE_FILE)
+                if not os.path.isfile(path):
+                    raise ValueError(f"{directory} has no {BACKBONE_FILE}: its experts were trained with "
+                                     f"teacher_backbone: trainable by an older kdengine that did not save the "
+                                     f"backbone; run the experts stage again (a new output_dir)")
+                safetensors.torch.load_model(backbone, path)
+            module = PromptExperts.from_pretrained(directory, backbone, backend=ctx.args.kernel_backend)
             return Stage(EXPERTS, {EXPERTS: module.to(ctx.device)}, opts.expert_learning_rate,
                          opts.expert_num_train_epochs, evaluate=False)
         if name == SELECTOR:

@@ -208,3 +208,36 @@ def test_student_step_reads_logits_in_their_dtype(monkeypatch):
     torch.testing.assert_close(parts["ce_loss"].double(), want, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert student.grad.dtype == torch.bfloat16
+
+
+def test_a_trainable_backbone_is_saved_and_reloaded_with_its_experts(tmp_path):
+    """teacher_backbone: trainable trains the backbone with the prompts: the experts stage keeps it
+    (backbone.safetensors); reusing the finished stage and the runtime load it, not the fine-tuned
+    teacher."""
+    import safetensors.torch
+
+    from kdengine.methods.pee_kd import BACKBONE_FILE, EXPERTS
+    from kdengine.models import load_for_task
+
+    out = tmp_path / "run"
+    assert main(small_args(out, method="pee_kd", num_experts=2, num_virtual_tokens=2, expert_num_train_epochs=1,
+                           expert_learning_rate=0.02, selector="none", teacher_backbone="trainable")) == 0
+    saved = safetensors.torch.load_file(str(out / EXPERTS / BACKBONE_FILE))
+    teacher, _ = load_for_task(str(out / "teacher"), "sequence_classification", ["negative", "positive"],
+                               what="teacher")
+    assert any(not torch.equal(saved[k], v) for k, v in teacher.state_dict().items() if k in saved)
+
+    method = PEEKD.__new__(PEEKD)
+    method.options = PEEKDOptions(teacher_backbone="trainable")
+    method.ctx = SimpleNamespace(teacher=teacher, args=SimpleNamespace(kernel_backend="torch"),
+                                 device=torch.device("cpu"), log=lambda _: None)
+    stage = method.load_stage(EXPERTS, str(out / EXPERTS), None)
+    loaded = stage.modules[EXPERTS].model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+    served = ExpertRuntime.from_pretrained(str(out)).experts.model.state_dict()      # the runtime too
+    assert all(torch.equal(served[k], v) for k, v in saved.items())
+    (out / EXPERTS / BACKBONE_FILE).unlink()
+    with pytest.raises(ValueError, match=f"has no {BACKBONE_FILE}"):
+        method.load_stage(EXPERTS, str(out / EXPERTS), None)
+    with pytest.raises(ValueError, match=f"{BACKBONE_FILE} is missing"):
+        ExpertRuntime.from_pretrained(str(out))
