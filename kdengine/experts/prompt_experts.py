@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from kdengine import compat
-from kdengine.ops.expert_batch_embed import expert_batch_embed, source_positions, text_positions
+from kdengine import compat, models
+from kdengine.ops.expert_batch_embed import check_values, expert_batch_embed, source_positions, text_positions
 from kdengine.reference.expert_batch_embed import insert_offsets, row_tables
 
 KINDS = ("prompt", "prefix")
@@ -353,6 +353,18 @@ class PromptExperts(torch.nn.Module):
             raise ValueError(
                 f"the appended causal-LM path takes no extra model arguments, got {sorted(model_kwargs)}"
             )
+        if self.kind == "prompt":  # input prompts take positions; a deep prefix adds keys/values only
+            positions = models.text_positions(self.model.config)
+            tokens = input_ids.shape[1] + (0 if response_ids is None else response_ids.shape[1])
+            if positions is not None and tokens + self.num_virtual_tokens > positions:
+                raise ValueError(
+                    f"{tokens} input tokens and {self.num_virtual_tokens} prompt tokens need "
+                    f"{tokens + self.num_virtual_tokens} positions but {type(self.model).__name__} has {positions}: "
+                    f"shorten the inputs to {positions - self.num_virtual_tokens} tokens, or use kind='prefix'"
+                )
+        else:  # the prompt path checks ids in expert_batch_embed; the prefix path embeds them directly
+            vocab = self.model.get_input_embeddings().num_embeddings
+            check_values(input_ids, vocab, None, None, self.num_experts, "prepend")
 
     def _rows(self, batch, experts, device):
         return row_tables(batch, self.num_experts, experts, device)

@@ -337,6 +337,28 @@ def test_bad_forward_inputs(call, message):
         call(experts, ids, mask)
 
 
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_inputs_beyond_the_model_are_refused(kind):
+    """Token ids outside the embeddings (both kinds) and, for input prompts, text + prompt tokens
+    beyond the model's 64 positions: a ValueError naming the limit, not an indexing error."""
+    experts = PromptExperts(make_model("bert_seq"), K, P, kind=kind)
+    ids, mask = make_batch(seed=13)
+    bad = ids.clone()
+    bad[1, 2] = VOCAB
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\)"):
+        experts(bad, mask)
+    long_ids = torch.randint(0, VOCAB, (2, 64 - P + 1))
+    if kind == "prompt":
+        with pytest.raises(ValueError, match=rf"{64 - P + 1} input tokens and {P} prompt tokens need 65 positions "
+                                             rf"but BertForSequenceClassification has 64: shorten the inputs to "
+                                             rf"{64 - P} tokens"):
+            experts(long_ids, torch.ones_like(long_ids))
+    else:                                   # a deep prefix adds no positions
+        assert experts(long_ids, torch.ones_like(long_ids)).logits.shape[:2] == (K, 2)
+    fits = torch.randint(0, VOCAB, (2, 64 - P))
+    assert experts(fits, torch.ones_like(fits)).logits.shape[:2] == (K, 2)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
