@@ -25,6 +25,8 @@ complete):
    the same batches and the same teacher forward; it is saved as ``modules/mean_logits.safetensors``
    and evaluated with the student (``eval_mean_logits_*``, row ``mean_logits_student``).
    ``teacher_fusion: mean_logits`` makes the main student the averaged-logits one.
+   ``student_head: shared`` starts the student (and the averaged-logits one) from the co-finetuned
+   shared pooler and classifier instead of its own.
 
 On the embedded synthetic task (one tiny teacher built by the trainer) the method adds the tiny
 teachers of ``EMBEDDED_TEACHERS`` (same tokenizer, other sizes), fine-tuned alone like the
@@ -58,6 +60,7 @@ MEAN_LOGITS = "mean_logits"
 INITS = ("finetuned", "pretrained")
 CONFIDENCES = ("inverse_ce", "softmax_neg_ce", "none")
 FUSIONS = ("confidence", "mean_logits")
+STUDENT_HEADS = ("own", "shared")
 # Extra tiny teachers of the embedded run, beside the trainer's (4 layers, H=128): BertConfig fields.
 EMBEDDED_TEACHERS = ({"num_hidden_layers": 2, "hidden_size": 96, "num_attention_heads": 4, "intermediate_size": 384},)
 
@@ -116,6 +119,9 @@ class MTBERTOptions(KDLossOptions):
                                                 "task, or from teacher_model_name_or_path as given", INITS)
     co_finetune_num_train_epochs: float = option(1.0, "epochs of the co-finetuning stage (from pretrained "
                                                       "teachers, about teacher_num_train_epochs)")
+    student_head: str = option("own", "the student's initial pooler and classifier: its own (the first "
+                                      "teacher's when cut with student_num_layers), or the co-finetuned shared "
+                                      "ones (a BERT-style student of width shared_hidden_size)", STUDENT_HEADS)
 
     def validate(self) -> None:
         super().validate()
@@ -203,6 +209,24 @@ class LayerProjections(nn.Module):
     def forward(self, hidden_states):
         return [[projection(hidden_states[s]) for projection, (s, _) in zip(maps, pairs)]
                 for maps, pairs in zip(self.maps, self.layer_maps)]
+
+
+def _head_layers(model: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+    """(pooler dense, classifier) of a BERT-style sequence classifier, or None for another layout."""
+    dense = getattr(getattr(model.base_model, "pooler", None), "dense", None)
+    classifier = getattr(model, "classifier", None)
+    if isinstance(dense, nn.Linear) and isinstance(classifier, nn.Linear):
+        return dense, classifier
+    return None
+
+
+def load_shared_head(co_teachers: CoFinetunedTeachers, student: nn.Module) -> None:
+    """Copy the co-finetuned shared pooler (dense) and classifier into ``student``'s (checked to fit by
+    ``MTBERT._check`` before any training)."""
+    dense, classifier = _head_layers(student)
+    with torch.no_grad():
+        dense.load_state_dict(co_teachers.pooler[0].state_dict())
+        classifier.load_state_dict(co_teachers.classifier.state_dict())
 
 
 def _without_pooler(backbone: nn.Module) -> nn.Module:
@@ -299,7 +323,20 @@ class MTBERT(VanillaKD):
         return len(states) - 1, states[-1].shape[-1]
 
     def _check(self, student: nn.Module | None, backbones: list[nn.Module]) -> None:
-        """Hidden states and layer maps of the student and the teachers (ConfigError) before MT-BERT trains."""
+        """The student's head for ``student_head: shared``, hidden states and layer maps of the student and
+        the teachers (ConfigError) before MT-BERT trains."""
+        if student is not None and self.options.student_head == "shared":
+            width = self.options.shared_hidden_size or backbones[0].config.hidden_size
+            layers = _head_layers(student)
+            if layers is None:
+                raise ConfigError(f"student_head shared: the student ({type(student).__name__}) has no BERT-style "
+                                  f"pooler.dense and classifier Linear layers to take the shared head; use "
+                                  f"student_head own")
+            shapes = (tuple(layers[0].weight.shape), layers[1].in_features)
+            if shapes != ((width, width), width):
+                raise ConfigError(f"student_head shared: the shared pooler and classifier are {width} wide but the "
+                                  f"student's pooler is {shapes[0][1]} and its classifier takes {shapes[1]}; set "
+                                  f"shared_hidden_size to the student's width or use student_head own")
         if self.options.teacher_fusion != "confidence" or self.options.hidden_weight == 0 or student is None:
             return
         layers, widths = zip(*(self._probe(b, f"teacher {i} ({s})")
@@ -363,6 +400,10 @@ class MTBERT(VanillaKD):
             return Stage(CO_FINETUNE, {CO_FINETUNE: module.to(ctx.device)},
                          opts.co_finetune_learning_rate or args.teacher_learning_rate,
                          opts.co_finetune_num_train_epochs, evaluate=False)
+        # a finished run evaluated again keeps its trained head
+        if opts.student_head == "shared" and not os.path.isfile(os.path.join(ctx.output_dir, "train_results.json")):
+            load_shared_head(self.co_teachers, student)
+            ctx.log("[mt_bert] student: starts from the co-finetuned shared pooler and classifier")
         stage = super().build_stage(name, student)
         if opts.teacher_fusion == "confidence":
             path = ("one fused_experts_kd_loss call (probability mixture with given per-row weights)"

@@ -130,6 +130,29 @@ def test_co_finetuning_shares_one_head_and_trains_every_teacher(tmp_path, two_te
         assert not without, f"teacher {i}: no gradient in {without[:3]}"
 
 
+def test_student_head_shared_starts_the_student_from_the_co_finetuned_head(tmp_path, two_teachers):
+    big, small, student_dir = two_teachers
+    method, student, _ = _method(tmp_path, [big, small], student_dir, "--student_head", "shared",
+                                 "--shared_hidden_size", "64")            # the tiny student's width
+    co = method.build_stage(CO_FINETUNE, student).modules[CO_FINETUNE]
+    with torch.no_grad():                       # a head unlike any initialisation
+        for p in [*co.pooler.parameters(), *co.classifier.parameters()]:
+            p.copy_(torch.randn_like(p))
+    method.co_teachers = co
+    method.build_stage("student", student)
+    assert torch.equal(student.base_model.pooler.dense.weight, co.pooler[0].weight)
+    assert torch.equal(student.base_model.pooler.dense.bias, co.pooler[0].bias)
+    assert torch.equal(student.classifier.weight, co.classifier.weight)
+    assert torch.equal(student.classifier.bias, co.classifier.bias)
+
+
+def test_student_head_shared_of_another_width_is_refused_before_co_finetuning(tmp_path, two_teachers):
+    big, small, student_dir = two_teachers
+    method, student, _ = _method(tmp_path, [big, small], student_dir, "--student_head", "shared")
+    with pytest.raises(ConfigError, match="128 wide but the student's pooler is 64"):
+        method.build_stage(CO_FINETUNE, student)
+
+
 # ---------------------------------------------------------------- whole runs
 
 class Stop(Exception):
