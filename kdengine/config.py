@@ -214,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """defaults <- YAML (--config) <- flags; validated. ConfigError on any bad option.
 
     On the embedded task (:func:`is_embedded`) the options of ``EMBEDDED_DEFAULTS`` that neither
-    the YAML nor a flag set take their embedded values."""
+    the YAML nor a flag set take their embedded values, and a method that does not support the
+    default task runs its first task (``Method.tasks``) unless ``task`` is set."""
     method_name, config_path = _method_name(argv)
     try:
         method_cls = resolve_method(method_name)
@@ -237,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     cfg = dataclasses.replace(TrainConfig(), **{**yaml_general, **flag_general})
     if is_embedded(cfg):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given})
+        if "task" not in given and cfg.task not in method_cls.tasks:   # e.g. prompt_kd: the causal_lm task
+            cfg = dataclasses.replace(cfg, task=method_cls.tasks[0])
     validate(cfg)
     options = method_options(method_cls, {**yaml_method, **flag_method})
     return dataclasses.replace(cfg, options=options)

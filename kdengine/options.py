@@ -161,6 +161,10 @@ class TrainConfig:
     metric_for_best_model: str | None = option(None, "validation metric tracked as best (default accuracy; f1 for "
                                                      "token classification; loss for causal_lm)")
     dataloader_num_workers: int = option(0, "DataLoader worker processes")
+    eval_generation_seeds: str = option("10", "causal_lm: comma list of sampling seeds; with rouge-score installed, "
+                                              "each evaluation samples one response per validation prompt per seed "
+                                              "and reports the mean ROUGE-L as eval_rougeL (the reference uses "
+                                              "10,20,30,40,50); 'none': no generation")
 
     # ---- what to run ----
     method: str = option("pee_kd", "distillation method: a built-in name, or package.module:ClassName of any "
@@ -216,6 +220,11 @@ class TrainConfig:
         """The teachers of ``teacher_model_name_or_path`` ([] without one)."""
         return self.teacher_model_name_or_path.split(",") if self.teacher_model_name_or_path else []
 
+    def generation_seeds(self) -> list[int]:
+        """The seeds of ``eval_generation_seeds`` ([] for 'none')."""
+        text = self.eval_generation_seeds.strip()
+        return [] if text == "none" else [int(s) for s in text.split(",")]
+
     def report_list(self) -> list[str]:
         return [r.strip() for r in self.report_to.split(",") if r.strip() and r.strip() != "none"]
 
@@ -262,6 +271,11 @@ def check_general(cfg: TrainConfig) -> None:
     for stage in cfg.stage_list():
         need(stage in STAGES, f"unknown stage {stage!r} in stages={cfg.stages!r}; expected 'all' or a comma "
                               f"list of {', '.join(STAGES)}")
+    try:
+        cfg.generation_seeds()
+    except ValueError:
+        raise ConfigError(f"eval_generation_seeds must be a comma list of integers or 'none', got "
+                          f"{cfg.eval_generation_seeds!r}") from None
     for tracker in cfg.report_list():
         need(tracker in REPORT_TO, f"unknown report_to entry {tracker!r}; expected tensorboard or none")
     metric = cfg.best_metric_name()

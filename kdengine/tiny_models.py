@@ -1,9 +1,10 @@
-"""Tiny randomly-initialised BERT teacher/student pairs with a word-level tokenizer, saved offline.
+"""Tiny randomly-initialised BERT (or GPT-2) teacher/student pairs with a word-level tokenizer, saved offline.
 
 The embedded run (synthetic task, no downloads) trains a teacher and a student from these.
 ``build_tiny_models`` writes two self-contained model folders (``config.json``,
 ``model.safetensors``, tokenizer files) that ``AutoTokenizer`` and
-``AutoModelFor{Sequence,Token}Classification.from_pretrained`` load with no network.
+``AutoModelFor{Sequence,Token}Classification`` / ``AutoModelForCausalLM.from_pretrained`` load with no
+network.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import os
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TEACHER_DEFAULTS = dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, intermediate_size=512)
 STUDENT_DEFAULTS = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256)
+# causal_lm: GPT-2 teacher and student (GPT2Config field names).
+LM_TEACHER_DEFAULTS = dict(n_layer=2, n_embd=64, n_head=2)
+LM_STUDENT_DEFAULTS = dict(n_layer=1, n_embd=32, n_head=2)
 MAX_POSITIONS = 512
 
 
@@ -83,6 +87,18 @@ def _bert_config(shape: dict, defaults: dict, role: str, vocab_size: int, label_
     )
 
 
+def _gpt2_config(shape: dict, defaults: dict, role: str, tokenizer):
+    from transformers import GPT2Config
+
+    values = {**defaults, **(shape or {})}
+    unknown = sorted(k for k in values if k not in GPT2Config().to_dict())
+    if unknown:
+        raise ValueError(f"{role}: unknown GPT2Config options {unknown}")
+    eos = tokenizer.sep_token_id  # the word tokenizer's [SEP] ends responses (kdengine.data.tokenize)
+    return GPT2Config(vocab_size=len(tokenizer), n_positions=MAX_POSITIONS, bos_token_id=eos, eos_token_id=eos,
+                      pad_token_id=tokenizer.pad_token_id, **values)
+
+
 def build_tiny_models(
     out_dir: str,
     *,
@@ -97,27 +113,33 @@ def build_tiny_models(
 
     Each folder holds the same word-level tokenizer (:func:`build_word_tokenizer`) and a randomly
     initialised ``BertFor{Sequence,Token}Classification`` (safetensors) with ``id2label`` /
-    ``label2id`` from ``label_names``. ``teacher`` / ``student`` override BertConfig fields of
-    the defaults (teacher: 4 layers, H=128, 4 heads; student: 2 layers, H=64, 2 heads). Weights
+    ``label2id`` from ``label_names``; for ``task="causal_lm"`` a ``GPT2LMHeadModel`` instead
+    (``label_names`` unused; [SEP] is its eos, [PAD] its pad token). ``teacher`` / ``student``
+    override BertConfig (GPT2Config) fields of the defaults (teacher: 4 layers, H=128, 4 heads;
+    student: 2 layers, H=64, 2 heads; GPT-2: 2 layers × 64 and 1 layer × 32, 2 heads). Weights
     are seeded from ``seed`` (teacher) and ``seed + 1`` (student): same seed, same files.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     auto = {
         "sequence_classification": AutoModelForSequenceClassification,
         "token_classification": AutoModelForTokenClassification,
+        "causal_lm": AutoModelForCausalLM,
     }
     if task not in auto:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(auto)}")
-    if len(label_names) < 2 or len(set(label_names)) != len(label_names):
+    if task != "causal_lm" and (len(label_names) < 2 or len(set(label_names)) != len(label_names)):
         raise ValueError(f"label_names must hold at least 2 distinct names, got {label_names!r}")
     tokenizer = build_word_tokenizer(vocab)
     dirs = []
+    lm = task == "causal_lm"
     for offset, (role, shape, defaults) in enumerate(
-        (("teacher", teacher, TEACHER_DEFAULTS), ("student", student, STUDENT_DEFAULTS))
+        (("teacher", teacher, LM_TEACHER_DEFAULTS if lm else TEACHER_DEFAULTS),
+         ("student", student, LM_STUDENT_DEFAULTS if lm else STUDENT_DEFAULTS))
     ):
-        config = _bert_config(shape, defaults, role, len(tokenizer), list(label_names))
+        config = (_gpt2_config(shape, defaults, role, tokenizer) if lm
+                  else _bert_config(shape, defaults, role, len(tokenizer), list(label_names)))
         with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
             torch.manual_seed(seed + offset)
             model = auto[task].from_config(config)

@@ -57,7 +57,8 @@ def load_task_data(args) -> TaskData:
     Source, in order: ``train_file`` (+ optional ``validation_file`` / ``test_file``: TSV/CSV/
     JSONL by extension for sequence classification, CoNLL for token classification), else
     ``dataset_name`` / ``dataset_config_name`` through ``datasets.load_dataset``, else the
-    synthetic task (sequence classification only) with the ``synthetic`` options
+    synthetic task (sequence classification; for ``causal_lm`` the same reviews as instructions,
+    :func:`kdengine.data.synthetic.make_synthetic_instruction_task`) with the ``synthetic`` options
     (``n_train``, ``n_validation``, ``n_test``, ``noise``; an object or a dict) and ``seed``.
 
     Column options: ``text_column`` (default "sentence"), ``text_pair_column`` (None),
@@ -105,18 +106,18 @@ def load_task_data(args) -> TaskData:
                              "dataset_name is not supported for it")
         raw = readers.load_hub_splits(dataset_name, _option(args, "dataset_config_name"), task, **columns)
     else:
-        if task != "sequence_classification":
+        if task == "token_classification":
             raise ValueError(
-                "no data source given and the synthetic task is sequence classification only; "
+                "no data source given and the synthetic task is sequence classification only (and causal_lm: "
+                "the same reviews as instructions); "
                 "pass train_file=... (CoNLL) or dataset_name=... for token classification"
             )
-        from kdengine.data.synthetic import make_synthetic_task
+        from kdengine.data.synthetic import make_synthetic_instruction_task, make_synthetic_task
 
         options = _option(args, "synthetic")
         kwargs = {k: _option(options, k) for k in ("n_train", "n_validation", "n_test", "noise")}
-        data = make_synthetic_task(
-            seed=_option(args, "seed", 0), **{k: v for k, v in kwargs.items() if v is not None}
-        )
+        make = make_synthetic_instruction_task if task == "causal_lm" else make_synthetic_task
+        data = make(seed=_option(args, "seed", 0), **{k: v for k, v in kwargs.items() if v is not None})
         return _subsample(data, max_train, max_eval)
 
     if task == "causal_lm":                      # no label set: the targets are the response tokens

@@ -161,3 +161,24 @@ def make_synthetic_task(
         validation=make_synthetic_split(seed, "validation", n_validation, noise=noise) or None,
         test=make_synthetic_split(seed, "test", n_test, noise=noise) or None,
     )
+
+
+def instruction_vocab() -> list[str]:
+    """:func:`synthetic_vocab` plus the words of the instruction task's responses (domains, labels)."""
+    return sorted(set(synthetic_vocab()) | set(DOMAINS) | set(LABEL_NAMES))
+
+
+def make_synthetic_instruction_task(seed: int = 0, n_train: int = 3000, n_validation: int = 600,
+                                    n_test: int = 600, *, noise: float = LABEL_NOISE) -> TaskData:
+    """The synthetic reviews as a causal-LM instruction task (``task="causal_lm"``): the prompt is the
+    review, the response ``"<domain> <label>"`` (e.g. ``"kitchen positive"``), its words in
+    :func:`instruction_vocab`. Same examples (and label noise) as :func:`make_synthetic_task`."""
+    data = make_synthetic_task(seed, n_train, n_validation, n_test, noise=noise)
+
+    def instructions(split):
+        if split is None:
+            return None
+        return [{"prompt": ex["text"], "response": f"{ex['domain']} {LABEL_NAMES[ex['label']]}"} for ex in split]
+
+    return TaskData(task="causal_lm", label_names=[], train=instructions(data.train),
+                    validation=instructions(data.validation), test=instructions(data.test))

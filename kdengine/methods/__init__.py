@@ -18,6 +18,8 @@ REGISTRY = {
     "pee_kd": "kdengine.methods.pee_kd:PEEKD",
     "mt_bert": "kdengine.methods.mt_bert:MTBERT",
     "meta_kd": "kdengine.methods.meta_kd:MetaKD",
+    "prompt_kd": "kdengine.methods.prompt_kd:PromptKD",
+    "sft": "kdengine.methods.baselines:NoKD",       # no_kd under its causal-LM name
 }
 
 

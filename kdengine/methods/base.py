@@ -254,8 +254,17 @@ class Method:
         """Further validation metrics of the student ({name: float}, stored as ``eval_<name>``), e.g.
         generation-based ones for causal_lm: sample responses with ``model`` (DDP-wrapped: unwrap
         it with ``self.ctx.accelerator.unwrap_model``) and score them. Called by every evaluation
-        of the student stage, under ``torch.no_grad``. Default: none."""
-        return {}
+        of the student stage, under ``torch.no_grad``. Default: for causal_lm, ROUGE-L of responses
+        sampled per ``eval_generation_seeds`` (:func:`kdengine.generation.rouge_l`); none otherwise."""
+        ctx = self.ctx
+        if ctx.task != "causal_lm" or not ctx.args.generation_seeds():
+            return {}
+        from kdengine.generation import rouge_l  # noqa: PLC0415
+
+        return rouge_l(ctx.accelerator.unwrap_model(model), dataset, tokenizer=ctx.tokenizer,
+                       collate_fn=ctx.collate_fn, batch_size=ctx.args.per_device_eval_batch_size,
+                       max_seq_length=ctx.args.max_seq_length, seeds=ctx.args.generation_seeds(), device=ctx.device,
+                       output_dir=ctx.output_dir, log=ctx.log, is_main=ctx.accelerator.is_main_process)
 
     def teacher_report(self) -> dict:
         """Rows for teacher_results.json / the printed table: {row_name: {metric: value}}."""

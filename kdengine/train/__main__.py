@@ -173,15 +173,15 @@ def load_inputs(cfg: TrainConfig, log, scratch: str) -> tuple[TaskInputs, list[s
         if not synthetic:
             raise ValueError("tiny models are built only for the synthetic task; pass --teacher_model_name_or_path "
                              "and --model_name_or_path (or --student_num_layers) for real data")
-        from kdengine.data.synthetic import synthetic_vocab  # noqa: PLC0415
+        from kdengine.data.synthetic import instruction_vocab, synthetic_vocab  # noqa: PLC0415
         from kdengine.tiny_models import build_tiny_models  # noqa: PLC0415
 
         tiny_dir = os.path.join(cfg.output_dir, TINY_MODELS)
         teacher_srcs, student_src = [os.path.join(tiny_dir, "teacher")], os.path.join(tiny_dir, "student")
         if not os.path.isfile(os.path.join(student_src, "config.json")):
             tiny_build = os.path.join(scratch, TINY_MODELS)
-            build_tiny_models(tiny_build, task=cfg.task, label_names=data.label_names, vocab=synthetic_vocab(),
-                              seed=cfg.seed)
+            vocab = instruction_vocab() if cfg.task == "causal_lm" else synthetic_vocab()
+            build_tiny_models(tiny_build, task=cfg.task, label_names=data.label_names, vocab=vocab, seed=cfg.seed)
             read = {teacher_srcs[0]: os.path.join(tiny_build, "teacher"), student_src: os.path.join(tiny_build, "student")}
         tiny = True
         if cfg.student_num_layers is not None:
@@ -216,7 +216,10 @@ def load_inputs(cfg: TrainConfig, log, scratch: str) -> tuple[TaskInputs, list[s
 
 def student_dirs(cfg: TrainConfig) -> dict[str, str]:
     """{method: the directory its student is trained in}: the baselines of compare_baselines, then the run's method."""
-    methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method]
+    from kdengine.methods import REGISTRY  # noqa: PLC0415
+
+    same = REGISTRY.get(cfg.method)           # an alias of a baseline (sft is no_kd) trains it once
+    methods = [m for m in BASELINES if cfg.compare_baselines and m != cfg.method and REGISTRY[m] != same]
     return {**{m: os.path.join(cfg.output_dir, "baselines", m) for m in methods}, cfg.method: cfg.output_dir}
 
 

@@ -12,6 +12,10 @@ import os
 from kdengine.atomic import read_json, write_json
 
 
+# causal_lm: further columns of the table where a row has them (next-token accuracy, ROUGE-L).
+GENERATION_COLUMNS = ("eval_accuracy", "eval_rougeL", "eval_rougeL_std")
+
+
 class MetricsLog:
     """Appends one JSON object per logging event to ``metrics.jsonl`` and mirrors the scalars to the
     accelerate trackers (TensorBoard)."""
@@ -58,23 +62,29 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line, rule] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body])
 
 
-def comparison_rows(teacher_results: dict, students: dict[str, dict], metric: str) -> list[dict]:
+def comparison_rows(teacher_results: dict, students: dict[str, dict], metric: str, extra=()) -> list[dict]:
     """Rows of the printed table: teachers first, then students.
 
     Args:
         teacher_results: {row_name: {metric: value}} (teacher_results.json).
         students: {method: {"eval": eval_results, "train": train_results}} in display order.
         metric: the eval metric without prefix (accuracy, f1).
+        extra: further eval keys shown where a row has them (causal_lm: ``GENERATION_COLUMNS``).
     """
     rows = []
     for name, values in teacher_results.items():
         rows.append({"model": name, "role": "teacher", f"eval_{metric}": _metric(values, metric),
-                     "eval_loss": values.get("eval_loss"), "train_time_s": values.get("train_runtime")})
+                     "eval_loss": values.get("eval_loss"), **_present(values, extra),
+                     "train_time_s": values.get("train_runtime")})
     for name, result in students.items():
         rows.append({"model": name, "role": "student", f"eval_{metric}": _metric(result["eval"], metric),
-                     "eval_loss": result["eval"].get("eval_loss"),
+                     "eval_loss": result["eval"].get("eval_loss"), **_present(result["eval"], extra),
                      "train_time_s": result["train"].get("train_runtime")})
     return rows
+
+
+def _present(values: dict, keys) -> dict:
+    return {k: values[k] for k in keys if values.get(k) is not None}
 
 
 def _metric(values: dict, metric: str):
@@ -92,8 +102,9 @@ def finish_comparison(cfg, teacher_results: dict, students: dict[str, dict], log
     teachers = dict(teacher_results)
     main_report = read_json(os.path.join(cfg.output_dir, "teacher_results.json")) or {}
     teachers.update({k: v for k, v in main_report.items() if k not in teachers and isinstance(v, dict)})
-    rows = comparison_rows(teachers, students, metric)
-    columns = ["model", "role", f"eval_{metric}", "eval_loss", "train_time_s"]
+    rows = comparison_rows(teachers, students, metric, GENERATION_COLUMNS if cfg.task == "causal_lm" else ())
+    shown = [c for c in GENERATION_COLUMNS if any(c in row for row in rows)]
+    columns = list(dict.fromkeys(["model", "role", f"eval_{metric}", "eval_loss", *shown, "train_time_s"]))
     log("\n" + format_table(rows, columns) + "\n")
     comparison = {"metric": f"eval_{metric}", "main_method": cfg.method, "rows": rows}
     write_json(os.path.join(cfg.output_dir, "comparison.json"), comparison)
