@@ -284,3 +284,21 @@ def check_general(cfg: TrainConfig) -> None:
     need(metric in allowed, f"metric_for_best_model={cfg.metric_for_best_model!r} is not computed for "
                             f"{cfg.task}; expected one of {', '.join(allowed)} (with or without eval_)")
     need(bool(cfg.output_dir.strip()), "output_dir must not be empty")
+
+
+def parse_layer_map(text: str) -> list[list[tuple[int, int]]] | None:
+    """``uniform`` -> None; ``"s:t,s:t"`` -> one pair list for every teacher; lists separated by ``;``
+    -> one per teacher (ValueError on bad syntax)."""
+    if text.strip() == "uniform":
+        return None
+    maps = []
+    for part in text.split(";"):
+        pairs = []
+        for item in part.split(","):
+            s, sep, t = item.partition(":")
+            if not sep or not s.strip().isdigit() or not t.strip().isdigit():
+                raise ValueError(f"layer_map must be 'uniform' or pairs 'student:teacher' separated by ',' "
+                                 f"(one list per teacher separated by ';'), got {text!r}")
+            pairs.append((int(s), int(t)))
+        maps.append(pairs)
+    return maps

@@ -12,6 +12,7 @@ sub-word continuations) are ignored by both terms.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,12 @@ class KDLossOptions(MethodOptions):
             raise ValueError("kd_weight + hard_weight must be > 0 (otherwise the loss is 0)")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+
+
+def kd_option(name: str, value):
+    """The :class:`KDLossOptions` option ``name`` with another default (same help and choices), for a
+    method whose published loss has other defaults."""
+    return dataclasses.field(default=value, metadata=KDLossOptions.__dataclass_fields__[name].metadata)
 
 
 def flat_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

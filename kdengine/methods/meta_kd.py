@@ -47,12 +47,11 @@ from kdengine.atomic import read_json, write_json
 from kdengine.constants import IGNORE_INDEX
 from kdengine.losses import attention_score_loss, hidden_state_loss
 from kdengine.methods.base import STUDENT, Stage
-from kdengine.methods.baselines import KDLossOptions, VanillaKD
-from kdengine.methods.mt_bert import _default, parse_layer_map
+from kdengine.methods.baselines import KDLossOptions, VanillaKD, kd_option
 from kdengine.metrics import compute_metrics
 from kdengine.models import model_inputs
 from kdengine.ops import kd_loss
-from kdengine.options import ConfigError, option
+from kdengine.options import ConfigError, option, parse_layer_map
 
 META_TEACHER = "meta_teacher"
 DISTILL = "distill"
@@ -68,10 +67,10 @@ class MetaKDOptions(KDLossOptions):
     """Meta-KD's options; stage 2 defaults to the reference's soft cross-entropy at T = 1 without a
     label term."""
 
-    kd_divergence: str = _default("kd_divergence", "soft_ce")
-    kd_temperature: float = _default("kd_temperature", 1.0)
-    kd_weight: float = _default("kd_weight", 1.0)
-    hard_weight: float = _default("hard_weight", 0.0)
+    kd_divergence: str = kd_option("kd_divergence", "soft_ce")
+    kd_temperature: float = kd_option("kd_temperature", 1.0)
+    kd_weight: float = kd_option("kd_weight", 1.0)
+    hard_weight: float = kd_option("hard_weight", 0.0)
     target_domain: str = option(ALL_DOMAINS, "the domain the student is distilled for (both distillation stages "
                                              "train on its examples only), or 'all': one student for every domain")
     target_train_fraction: float = option(1.0, "fraction of the target domain's training examples the "

@@ -36,7 +36,6 @@ trainer's teacher so that each has its own row.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -49,11 +48,11 @@ from kdengine import models
 from kdengine.constants import IGNORE_INDEX
 from kdengine.losses import HIDDEN_LOSSES, hidden_state_loss
 from kdengine.methods.base import STUDENT, OptimizerSpec, Stage
-from kdengine.methods.baselines import KDLossOptions, VanillaKD
+from kdengine.methods.baselines import KDLossOptions, VanillaKD, kd_option
 from kdengine.metrics import compute_metrics
 from kdengine.models import model_inputs
 from kdengine.ops import fused_experts_kd_loss, kd_loss
-from kdengine.options import ConfigError, option
+from kdengine.options import ConfigError, option, parse_layer_map
 
 CO_FINETUNE = "co_finetune"
 MEAN_LOGITS = "mean_logits"
@@ -65,38 +64,15 @@ STUDENT_HEADS = ("own", "shared")
 EMBEDDED_TEACHERS = ({"num_hidden_layers": 2, "hidden_size": 96, "num_attention_heads": 4, "intermediate_size": 384},)
 
 
-def _default(name: str, value):
-    """The KDLossOptions option ``name`` with MT-BERT's default (same help and choices)."""
-    return dataclasses.field(default=value, metadata=KDLossOptions.__dataclass_fields__[name].metadata)
-
-
-def parse_layer_map(text: str) -> list[list[tuple[int, int]]] | None:
-    """``uniform`` -> None; ``"s:t,s:t"`` -> one pair list for every teacher; lists separated by ``;``
-    -> one per teacher (ValueError on bad syntax)."""
-    if text.strip() == "uniform":
-        return None
-    maps = []
-    for part in text.split(";"):
-        pairs = []
-        for item in part.split(","):
-            s, sep, t = item.partition(":")
-            if not sep or not s.strip().isdigit() or not t.strip().isdigit():
-                raise ValueError(f"layer_map must be 'uniform' or pairs 'student:teacher' separated by ',' "
-                                 f"(one list per teacher separated by ';'), got {text!r}")
-            pairs.append((int(s), int(t)))
-        maps.append(pairs)
-    return maps
-
-
 @dataclass
 class MTBERTOptions(KDLossOptions):
     """MT-BERT's options. The logit-loss defaults follow the (unverified) spec: soft cross-entropy at
     T = 1, unit term weights."""
 
-    kd_divergence: str = _default("kd_divergence", "soft_ce")
-    kd_temperature: float = _default("kd_temperature", 1.0)
-    kd_weight: float = _default("kd_weight", 1.0)
-    hard_weight: float = _default("hard_weight", 1.0)
+    kd_divergence: str = kd_option("kd_divergence", "soft_ce")
+    kd_temperature: float = kd_option("kd_temperature", 1.0)
+    kd_weight: float = kd_option("kd_weight", 1.0)
+    hard_weight: float = kd_option("hard_weight", 1.0)
     teacher_fusion: str = option("confidence", "the student's teacher signal: MT-BERT's confidence-weighted "
                                                "per-teacher losses (+ hidden loss), or the teachers' averaged "
                                                "logits (TextBrewer)", FUSIONS)
