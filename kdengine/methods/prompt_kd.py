@@ -105,13 +105,14 @@ def pooled_kl(trained: torch.Tensor, trained_weight: torch.Tensor, target: torch
 
     Args:
         trained: [N, H] hidden states of the side that gets gradients; trained_weight: [V, H] its LM head.
-        target: [N, H'] hidden states of the other side; target_weight: [V, H'] its LM head.
+        target: [N, H'] hidden states of the other side; target_weight: [V, H'] its LM head (both
+            detached: no gradient reaches the target, e.g. the student's head from the prompt's loss).
     Returns:
         fp32 scalar.
     """
     dtype = trained.dtype
-    return linear_kd_loss(trained, trained_weight.to(dtype), teacher_hidden=target.to(dtype),
-                          teacher_weight=target_weight.to(dtype), divergence=divergence, temperature=1.0,
+    return linear_kd_loss(trained, trained_weight.to(dtype), teacher_hidden=target.detach().to(dtype),
+                          teacher_weight=target_weight.detach().to(dtype), divergence=divergence, temperature=1.0,
                           jsd_beta=jsd_beta, backend=backend)
 
 
