@@ -17,6 +17,7 @@ stored the same way:
                             (benchmarks/gpu_session.sh sets it), so a run cut short by a timeout
                             still leaves every number it measured.
 * :func:`print_table`       fixed-width table on stdout.
+* :func:`parse_threaded_args` the ``--device`` / ``--threads`` / ``--out-dir`` flags, applied.
 
 Only torch and the standard library are imported here (no data libraries); triton is imported
 lazily, when CUDA timing needs it.
@@ -375,6 +376,22 @@ def loss_bench_args(doc: str, parse_size: Callable[[str], tuple], size_help: str
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions, no torch.compile")
     parser.add_argument("--out-dir", default="benchmarks/results")
     return parser.parse_args(argv)
+
+
+def parse_threaded_args(parser, argv=None):
+    """Add ``--device``, ``--threads`` (CPU, default 1: stable ratios on a shared machine) and
+    ``--out-dir`` to ``parser``, parse ``argv``, refuse ``--device cuda`` without CUDA and set the CPU
+    threads; returns the parsed arguments."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: stable ratios on a shared machine)")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def run_providers(bench: str, names: Sequence[str], provider_fn: Callable, sizes: Sequence[tuple],

@@ -24,7 +24,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from benchmarks._harness import ResultRows, print_table, time_ms, write_results
+from benchmarks._harness import ResultRows, parse_threaded_args, print_table, time_ms, write_results
 from kdengine.experts.shared_input import choose_layout, project, shared_input_forward
 
 # CPU: small models (4 layers, H=256); GPU: a mid-size model that keeps the H200 busy.
@@ -155,16 +155,8 @@ def run(device: str, quick: bool, passes: list[str]) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (CPU: a tiny model; a smoke run)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pass", dest="passes", choices=("fwd", "fwd_bwd", "both"), default="both")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: stable ratios on a shared machine)")
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    args = parse_threaded_args(parser, argv)
     passes = ["fwd", "fwd_bwd"] if args.passes == "both" else [args.passes]
     rows = run(args.device, args.quick, passes)
     print_table(rows, ["arch", "mode", "pass_", "path", "auto_layout", "processed_tokens", "ms_p50",

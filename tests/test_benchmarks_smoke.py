@@ -1,4 +1,4 @@
-"""The benchmark harness, the kd_loss / linear_kd_loss benchmarks in --quick CPU mode, and the GPU
+"""The benchmark harness, the kd_loss / linear_kd_loss / runtime benchmarks in --quick CPU mode, and the GPU
 session script in --dry-run mode.
 
 The benchmarks run in this process (``main(argv)``) at tiny sizes with results written to a
@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import _harness, bench_kd_loss, bench_linear_kd_loss
+from benchmarks import _harness, bench_kd_loss, bench_linear_kd_loss, bench_runtime
 
 
 def test_time_ms_quantiles_are_ordered():
@@ -99,6 +99,23 @@ def test_bench_linear_kd_loss_quick(tmp_path):
         assert row["ms"] > 0 and row["TFLOP/s"] > 0 and row["peak_MB"] > 0
         assert row["loss_rel_err"] < 1e-5
     assert any(r["provider"] == "trl_chunked" and r["status"].startswith("skipped") for r in data["rows"])
+
+
+def test_bench_runtime_quick(tmp_path):
+    """A tiny PEE-KD run (K=4) through ExpertRuntime: one row per routing with its throughput, accuracy
+    and ratio to the ensemble, the ensemble's own ratio 1, and the target row."""
+    assert bench_runtime.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "runtime_quick-cpu.csv").exists()
+    rows = {r["routing"]: r for r in _load(tmp_path / "runtime_quick-cpu.json")["rows"]}
+    measured = {f"expert_{i}" for i in range(4)} | {"all", "selector_top1", "selector_top2", "oracle_top1"}
+    assert set(rows) == measured | {"target"}
+    for name in measured:
+        assert rows[name]["examples_per_s"] > 0 and 0.0 <= rows[name]["accuracy"] <= 1.0
+        assert rows[name]["examples"] == 32
+    assert rows["all"]["speedup_vs_all"] == 1.0 and rows["all"]["experts_per_input"] == 4
+    assert rows["selector_top2"]["experts_per_input"] == 2 and rows["oracle_top1"]["experts_per_input"] == 1
+    assert rows["oracle_top1"]["accuracy"] >= max(rows[f"expert_{i}"]["accuracy"] for i in range(4))
+    assert rows["target"]["speedup_target"] == pytest.approx(3.6)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
