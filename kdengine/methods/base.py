@@ -254,7 +254,8 @@ class Method:
         """Further validation metrics of the student ({name: float}, stored as ``eval_<name>``), e.g.
         generation-based ones for causal_lm: sample responses with ``model`` (DDP-wrapped: unwrap
         it with ``self.ctx.accelerator.unwrap_model``) and score them. Called by every evaluation
-        of the student stage, under ``torch.no_grad``. Default: for causal_lm, ROUGE-L of responses
+        of the student stage (for causal_lm: of every stage, the teacher's included, with that
+        stage's first module), under ``torch.no_grad``. Default: for causal_lm, ROUGE-L of responses
         sampled per ``eval_generation_seeds`` (:func:`kdengine.generation.rouge_l`); none otherwise."""
         ctx = self.ctx
         if ctx.task != "causal_lm" or not ctx.args.generation_seeds():

@@ -386,7 +386,7 @@ class Trainer:
         scored = compute_metrics(task, _stack(preds).numpy(), references.numpy(), self.ctx.label_names)
         results.update({f"eval_{k}": v for k, v in scored.items()})
         results["eval_samples"] = len(references)
-        if self.stage.name == STUDENT:
+        if self.stage.name == STUDENT or task == "causal_lm":   # causal_lm: the teacher's ROUGE-L too
             results.update({f"eval_{k}": v for k, v in self.method.extra_metrics(self.model, dataset).items()})
         if pairs:
             import numpy as np  # noqa: PLC0415

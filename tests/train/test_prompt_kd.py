@@ -255,6 +255,9 @@ def test_rouge_l_with_rouge_score(tmp_path, monkeypatch):
     assert main(small_args(out, **EMBEDDED, eval_generation_seeds="10,20", num_train_epochs=0.5)) == 0
     results = read_json(out / "eval_results.json")
     assert 0.0 <= results["eval_rougeL"] <= 100.0 and "eval_rougeL_std" in results
+    assert 0.0 <= read_json(out / "teacher_results.json")["teacher"]["eval_rougeL"] <= 100.0
+    assert (out / "stages" / "teacher" / "predictions" / "seed10.jsonl").is_file()
+    assert all("eval_rougeL" in row for row in read_json(out / "comparison.json")["rows"])     # the table
     for seed in (10, 20):
         rows = [json.loads(line) for line in open(out / "predictions" / f"seed{seed}.jsonl")]
         assert len(rows) == 16 and {"prompt", "reference", "generated"} == set(rows[0])
