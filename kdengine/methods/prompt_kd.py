@@ -43,6 +43,8 @@ from kdengine.options import ConfigError, MethodOptions, option
 SFT = "sft"
 TEACHER_PROMPT = "teacher_prompt"
 STUDENT_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+# Config fields of models whose logits are not final hidden states @ LM head (Gemma 2, Cohere).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 
 
 @dataclass
@@ -130,7 +132,8 @@ class PromptKD(NoKD):
 
     @classmethod
     def check_run(cls, run) -> None:
-        """One teacher sharing the student's vocabulary, with room for the prompt beside max_seq_length."""
+        """One teacher sharing the student's vocabulary, logits that are hidden states @ LM head, and room
+        for the prompt beside max_seq_length."""
         if len(run.teacher_sources) != 1:
             raise ConfigError(f"prompt_kd distils one teacher, got {len(run.teacher_sources)}: "
                               f"{', '.join(run.teacher_sources)}")
@@ -138,6 +141,11 @@ class PromptKD(NoKD):
         if teacher.vocab_size != student.vocab_size:
             raise ConfigError(f"prompt_kd needs one vocabulary: the teacher {run.teacher_sources[0]!r} has "
                               f"vocab_size {teacher.vocab_size} but the student has {student.vocab_size}")
+        for role, config in (("teacher", teacher), ("student", student)):
+            changed = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
+            if changed:
+                raise ConfigError(f"prompt_kd computes logits as final hidden states @ LM head, but the {role}'s "
+                                  f"config transforms them ({', '.join(changed)}); such models are not supported")
         positions = models.text_positions(teacher)
         needed = run.args.max_seq_length + run.options.prompt_length
         if positions is not None and needed > positions:
@@ -151,6 +159,10 @@ class PromptKD(NoKD):
         args, opts = self.ctx.args, self.options
         if name == SFT:
             return Stage(SFT, {STUDENT: student}, args.learning_rate, opts.sft_num_train_epochs)
+        for role, model in (("teacher", self.ctx.teacher), ("student", student)):
+            if getattr(model.get_output_embeddings(), "bias", None) is not None:
+                raise ValueError(f"prompt_kd computes logits as final hidden states @ LM head weight, but the "
+                                 f"{role}'s LM head has a bias; such models are not supported")
         stage = super().build_stage(name, student)
         from kdengine.experts import PromptExperts  # noqa: PLC0415
 

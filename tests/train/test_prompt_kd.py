@@ -283,13 +283,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- bad input
-def _lm_dirs(tmp_path, student_vocab_extra=0):
+def _lm_dirs(tmp_path, student_vocab_extra=0, logit_scale=None):
     teacher_dir, student_dir = build_tiny_models(str(tmp_path / "tiny"), task="causal_lm", label_names=[],
                                                  vocab=instruction_vocab())
+    model = models.load_for_task(student_dir, "causal_lm", [], what="student")[0]
     if student_vocab_extra:
-        model = models.load_for_task(student_dir, "causal_lm", [], what="student")[0]
         model.resize_token_embeddings(model.config.vocab_size + student_vocab_extra)
-        model.save_pretrained(student_dir)
+    model.config.logit_scale = logit_scale
+    model.save_pretrained(student_dir)
     return teacher_dir, student_dir
 
 
@@ -305,9 +306,11 @@ def _files(tmp_path, rows):
     ("empty_response", r"'response' must be a non-empty string"),
     ("long_prompt", r"the prompt has \d+ tokens; causal_lm needs 1 to max_seq_length - 1 = 7 prompt tokens"),
     ("positions", r"prompt_length=7 prompt tokens beside max_seq_length=510 tokens need 517 positions"),
+    ("logit_scale", r"the student's config transforms them \(logit_scale\)"),
 ])
 def test_bad_input_is_refused_before_any_work(case, message, tmp_path, capsys):
-    teacher, student = _lm_dirs(tmp_path, student_vocab_extra=3 if case == "vocab" else 0)
+    teacher, student = _lm_dirs(tmp_path, student_vocab_extra=3 if case == "vocab" else 0,
+                                logit_scale=0.5 if case == "logit_scale" else None)
     good = {"prompt": "the film was great .", "response": "movies positive"}
     rows = {"empty_response": [good, {"prompt": "the pan is bad .", "response": " "}],
             "long_prompt": [good, {"prompt": "the pan is very very very bad and the lid is bad .",
@@ -322,6 +325,14 @@ def test_bad_input_is_refused_before_any_work(case, message, tmp_path, capsys):
     assert main(small_args(out, **flags)) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_an_lm_head_with_a_bias_is_refused(tmp_path):
+    method, trainer, _ = _run(tmp_path)
+    student = copy.deepcopy(trainer.model)
+    student.lm_head.bias = torch.nn.Parameter(torch.zeros(student.config.vocab_size))
+    with pytest.raises(ValueError, match="the student's LM head has a bias"):
+        method.build_stage(STUDENT, student)
 
 
 def test_options_are_the_reference_defaults():
