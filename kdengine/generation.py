@@ -136,7 +136,7 @@ def rouge_l(model, dataset, *, tokenizer, collate_fn, batch_size: int, max_seq_l
             for start in range(0, len(items), batch_size):
                 batch = collate_fn(items[start:start + batch_size])
                 ids, mask, _ = prompt_batch(batch["input_ids"].to(device), batch["labels"].to(device), pad)
-                response, keep = sample_responses(model, ids, mask, max_new_tokens=max(1, max_seq_length - ids.shape[1]),
+                response, keep = sample_responses(model, ids, mask, max_new_tokens=max_seq_length - ids.shape[1],
                                                   temperature=1.0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
                 for b in range(ids.shape[0]):
                     labels = batch["labels"][b]

@@ -219,7 +219,8 @@ def test_the_embedded_run_trains_a_teacher_an_sft_student_and_the_prompt_kd_stud
     config = read_json(out / "comparison.json")
     assert [r["model"] for r in config["rows"]] == ["teacher", "no_kd", "vanilla_kd", "prompt_kd"]
     assert "eval_loss" in read_json(out / "eval_results.json")
-    assert (out / "modules" / f"{TEACHER_PROMPT}.safetensors").is_file() and (out / "sft" / "student.safetensors").is_file()
+    assert (out / "modules" / f"{TEACHER_PROMPT}.safetensors").is_file()
+    assert (out / "sft" / "student.safetensors").is_file()
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "teacher_loss" in line]
     assert rows and all({"prompt_kl", "base_kl", "base_weight", "response_tokens"} <= set(r) for r in rows)
     printed = capsys.readouterr().out
