@@ -19,6 +19,9 @@ token embeddings of ``prompt_init_text``; the backbone stays frozen). Each micro
 3. the student is updated with ``kd_divergence`` (default reverse KL, KL(q_S ‖ p_θ)) to the
    *updated* prompted teacher (eval mode, no grad).
 
+``prompt_length 0`` drops the prompt and step 2: the student distils the teacher itself on its own
+samples (TRL's GKD with lmbda 1: always on-policy), the on-policy baseline of PromptKD.
+
 Every term is a pooled mean over the batch's response tokens (the eos included) at T = 1, through
 :func:`kdengine.ops.linear_kd_loss` on the final hidden states and LM-head weights, so no [N, V]
 logits are kept for the losses. ``linear_kd_loss`` gives gradients to either side: the prompted
@@ -43,6 +46,7 @@ from kdengine.options import ConfigError, MethodOptions, option
 SFT = "sft"
 TEACHER_PROMPT = "teacher_prompt"
 STUDENT_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+ONE_LOGIT = {"logits_to_keep": 1}       # a causal LM's forward computes one position's logits only
 # Config fields of models whose logits are not final hidden states @ LM head (Gemma 2, Cohere).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 
@@ -51,7 +55,8 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 class PromptKDOptions(MethodOptions):
     """PromptKD's options; defaults are the reference scripts' (``scripts/*/promptkd/*.sh``)."""
 
-    prompt_length: int = option(7, "soft prompt tokens prepended to the frozen teacher")
+    prompt_length: int = option(7, "soft prompt tokens prepended to the frozen teacher (0: no prompt, the student "
+                                   "distils the teacher itself on its own samples, as TRL's GKD with lmbda 1)")
     prompt_init_text: str = option("Suppose you are a student.", "text whose token embeddings (cycled or cut to "
                                                                  "prompt_length) initialise the teacher prompt")
     max_new_tokens: int = option(256, "most tokens the student samples per response (prompt + response are also "
@@ -71,9 +76,10 @@ class PromptKDOptions(MethodOptions):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("prompt_length", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prompt_length < 0:
+            raise ValueError(f"prompt_length must be >= 0 (0: no prompt), got {self.prompt_length}")
         if not self.prompt_init_text.strip():
             raise ValueError("prompt_init_text must not be empty")
         if self.temperature <= 0:
@@ -94,10 +100,16 @@ def base_weight_at(base_weight: float, global_step: int, total_steps: int) -> fl
     return base_weight * (1.0 - global_step / total_steps)
 
 
-def final_hidden(outputs) -> torch.Tensor:
-    """[B, L, H] final hidden states (after the last norm: what the LM head reads) of a forward run
-    with ``output_hidden_states=True``."""
-    return outputs.hidden_states[-1]
+def response_hidden(model, inputs: dict, rows: torch.Tensor, **kwargs) -> torch.Tensor:
+    """[N, H] final hidden states (after the last norm: what the LM head reads) of ``model(**inputs,
+    **kwargs)`` at the N positions where ``rows`` (bool [B, L]) is True. A causal LM gets
+    ``logits_to_keep=1`` (only one position's logits computed); the prompted teacher its expert."""
+    return model(**inputs, output_hidden_states=True, **kwargs).hidden_states[-1][rows]
+
+
+def lm_head(model) -> torch.Tensor:
+    """[V, H] the LM-head weight of a causal LM."""
+    return model.get_output_embeddings().weight
 
 
 def pooled_kl(trained: torch.Tensor, trained_weight: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor,
@@ -164,12 +176,14 @@ class PromptKD(NoKD):
                 raise ValueError(f"prompt_kd computes logits as final hidden states @ LM head weight, but the "
                                  f"{role}'s LM head has a bias; such models are not supported")
         stage = super().build_stage(name, student)
+        stage.schedule = "constant"
+        if opts.prompt_length == 0:
+            return stage
         from kdengine.experts import PromptExperts  # noqa: PLC0415
 
         stage.modules[TEACHER_PROMPT] = PromptExperts(self.ctx.teacher, 1, opts.prompt_length, kind="prompt",
                                                       placement="prepend", init=opts.prompt_init_text,
                                                       tokenizer=self.ctx.tokenizer, backend=args.kernel_backend)
-        stage.schedule = "constant"
         stage.optimizers = [OptimizerSpec(TEACHER_PROMPT, (TEACHER_PROMPT,), opts.teacher_prompt_learning_rate),
                             OptimizerSpec(STUDENT, (STUDENT,))]
         return stage
@@ -178,52 +192,67 @@ class PromptKD(NoKD):
     def training_step(self, step, batch):
         if step.stage.name == SFT:
             return super().training_step(step, batch)
-        ctx, opts = self.ctx, self.options
-        backend = ctx.args.kernel_backend
-        student, prompted = step.model, step.modules[TEACHER_PROMPT]
-        unwrapped = step.accelerator.unwrap_model(student)
-        teacher = ctx.teacher
-        eos, pad = generation.eos_token_id(ctx.tokenizer), ctx.tokenizer.pad_token_id
+        opts, teacher = self.options, self.ctx.teacher
+        inputs, rows = self._sample(step, batch)
+        teacher.eval()
+        logs = {"response_tokens": rows.sum(1).float().mean()}
+        if TEACHER_PROMPT in step.modules:
+            logs.update(self._update_prompt(step, inputs, rows))
+            target_model, target_kwargs = step.modules[TEACHER_PROMPT].eval(), {"experts": _first_expert(rows)}
+        else:                                      # prompt_length 0: on-policy KD from the teacher itself (GKD)
+            target_model, target_kwargs = teacher, ONE_LOGIT
+        with torch.no_grad(), step.accelerator.autocast():
+            target = response_hidden(target_model, inputs, rows, **target_kwargs)
+        # (3) the student toward the (updated prompted) teacher
+        student = step.model.train()
+        with step.accelerator.autocast():
+            trained = response_hidden(student, inputs, rows, **ONE_LOGIT)
+            loss = pooled_kl(trained, lm_head(step.accelerator.unwrap_model(student)), target, lm_head(teacher),
+                             divergence=opts.kd_divergence, jsd_beta=opts.jsd_beta,
+                             backend=self.ctx.args.kernel_backend)
+        return loss, logs
 
-        # (1) the student samples responses to the batch's prompts
+    def _sample(self, step, batch) -> tuple[dict, torch.Tensor]:
+        """(1) The student (eval mode, no grad) samples a response to each prompt of the batch.
+
+        Returns ({"input_ids", "attention_mask"} [B, L'] of [prompt; response] right-padded, the
+        bool [B, L'] positions whose next token is a response token, eos included)."""
+        ctx, opts = self.ctx, self.options
+        eos, pad = generation.eos_token_id(ctx.tokenizer), ctx.tokenizer.pad_token_id
         prompt_ids, prompt_mask, _ = generation.prompt_batch(batch["input_ids"], batch["labels"], pad)
         max_new = min(opts.max_new_tokens, ctx.args.max_seq_length - prompt_ids.shape[1])
-        student.eval()
+        step.model.eval()
         with step.accelerator.autocast():
-            response, keep = generation.sample_responses(unwrapped, prompt_ids, prompt_mask, max_new_tokens=max_new,
+            response, keep = generation.sample_responses(step.accelerator.unwrap_model(step.model), prompt_ids,
+                                                         prompt_mask, max_new_tokens=max_new,
                                                          temperature=opts.temperature, top_p=opts.top_p,
                                                          eos_token_id=eos, pad_token_id=pad)
         sampled = generation.response_batch(prompt_ids, prompt_mask, response, keep, pad)
-        inputs = {"input_ids": sampled["input_ids"], "attention_mask": sampled["attention_mask"]}
-        rows = sampled["labels"] != IGNORE_INDEX                           # response tokens (eos included)
-        only_first = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
-        w_student = unwrapped.get_output_embeddings().weight
-        w_teacher = teacher.get_output_embeddings().weight
+        return ({"input_ids": sampled["input_ids"], "attention_mask": sampled["attention_mask"]},
+                sampled["labels"] != IGNORE_INDEX)
 
-        # (2) the teacher prompt: reverse KL to the student + the fading regulariser toward p_0
-        teacher.eval()
+    def _update_prompt(self, step, inputs: dict, rows: torch.Tensor) -> dict:
+        """(2) One update of the teacher prompt: KL(p_θ ‖ q_S) + w · KL(p_θ ‖ p_0); returns its logs."""
+        opts, teacher, backend = self.options, self.ctx.teacher, self.ctx.args.kernel_backend
+        prompted = step.modules[TEACHER_PROMPT]
         with torch.no_grad(), step.accelerator.autocast():
-            h_student = final_hidden(student(**inputs, output_hidden_states=True, logits_to_keep=1))[rows]
-            h_plain = final_hidden(teacher(**inputs, output_hidden_states=True, logits_to_keep=1))[rows]
+            h_student = response_hidden(step.model, inputs, rows, **ONE_LOGIT)
+            h_plain = response_hidden(teacher, inputs, rows, **ONE_LOGIT)
         prompted.train()
         with step.accelerator.autocast():
-            h_prompted = final_hidden(prompted(**inputs, experts=only_first, output_hidden_states=True))[rows]
-            prompt_kl = pooled_kl(h_prompted, w_teacher, h_student, w_student, backend=backend)
+            h_prompted = response_hidden(prompted, inputs, rows, experts=_first_expert(rows))
+            w_teacher = lm_head(teacher)
+            prompt_kl = pooled_kl(h_prompted, w_teacher, h_student, lm_head(step.accelerator.unwrap_model(step.model)),
+                                  backend=backend)
             weight = base_weight_at(opts.base_weight, step.global_step, step.total_steps)
             base_kl = pooled_kl(h_prompted, w_teacher, h_plain, w_teacher, backend=backend) if weight > 0 \
                 else torch.zeros((), device=h_prompted.device)
             teacher_loss = prompt_kl + weight * base_kl
         step.update(teacher_loss, TEACHER_PROMPT)
+        return {"teacher_loss": teacher_loss.detach(), "prompt_kl": prompt_kl.detach(), "base_kl": base_kl.detach(),
+                "base_weight": torch.tensor(weight, device=rows.device)}
 
-        # (3) the student toward the updated prompted teacher
-        prompted.eval()
-        with torch.no_grad(), step.accelerator.autocast():
-            h_target = final_hidden(prompted(**inputs, experts=only_first, output_hidden_states=True))[rows]
-        student.train()
-        with step.accelerator.autocast():
-            h_trained = final_hidden(student(**inputs, output_hidden_states=True, logits_to_keep=1))[rows]
-            loss = pooled_kl(h_trained, w_student, h_target, w_teacher, divergence=opts.kd_divergence,
-                             jsd_beta=opts.jsd_beta, backend=backend)
-        return loss, {"teacher_loss": teacher_loss.detach(), "prompt_kl": prompt_kl.detach(),
-                      "base_kl": base_kl.detach(), "base_weight": torch.tensor(weight, device=rows.device),
-                      "response_tokens": rows.sum(1).float().mean()}
+
+def _first_expert(rows: torch.Tensor) -> torch.Tensor:
+    """[B] int64 zeros: every row runs the one prompt of the teacher's PromptExperts."""
+    return torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)

@@ -340,3 +340,15 @@ def test_options_are_the_reference_defaults():
     options = PromptKDOptions()
     assert (options.prompt_length, options.prompt_init_text, options.temperature, options.top_p, options.base_weight,
             options.kd_divergence) == (7, "Suppose you are a student.", 1.0, 1.0, 1.0, "reverse_kl")
+
+
+def test_prompt_length_zero_is_on_policy_kd_from_the_teacher_itself(tmp_path, monkeypatch):
+    method, trainer, batch = _run(tmp_path, prompt_length=0, kd_divergence="jsd", jsd_beta=0.3)
+    assert list(trainer.modules) == [STUDENT] and list(trainer.optimizers) == ["main"]
+    _fixed_responses(monkeypatch, batch)
+    rows = batch["labels"] != IGNORE_INDEX
+    with torch.no_grad():
+        reference = _reference_kl(_logits(trainer.model, batch)[rows], _logits(method.ctx.teacher, batch)[rows],
+                                  "jsd", 0.3)
+    loss, logs = trainer.training_step(batch)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-4) and set(logs) == {"response_tokens"}
