@@ -53,7 +53,9 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 
 @dataclass
 class PromptKDOptions(MethodOptions):
-    """PromptKD's options; defaults are the reference scripts' (``scripts/*/promptkd/*.sh``)."""
+    """PromptKD's options; defaults are the reference scripts' (``scripts/*/promptkd/*.sh``;
+    ``max_new_tokens``: its 512-token sequences less 256 prompt tokens), but for the sft stage,
+    which the reference runs as a separate script."""
 
     prompt_length: int = option(7, "soft prompt tokens prepended to the frozen teacher (0: no prompt, the student "
                                    "distils the teacher itself on its own samples, as TRL's GKD with lmbda 1)")
@@ -114,8 +116,9 @@ def lm_head(model) -> torch.Tensor:
 
 def pooled_kl(trained: torch.Tensor, trained_weight: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor,
               *, divergence: str = "reverse_kl", jsd_beta: float = 0.5, backend: str = "auto") -> torch.Tensor:
-    """Mean over N response tokens of D(trained ‖ target) at T = 1 (``kd_loss`` semantics with
-    ``trained`` in the student's place: reverse_kl is KL(trained ‖ target)).
+    """Mean over N response tokens of the divergence at T = 1, ``trained`` in ``kd_loss``'s student
+    place: reverse_kl KL(trained ‖ target), forward_kl KL(target ‖ trained), jsd TRL's generalised
+    JSD (β weighting the target).
 
     Args:
         trained: [N, H] hidden states of the side that gets gradients; trained_weight: [V, H] its LM head.
