@@ -5,13 +5,16 @@ mid-stage resume, metrics.jsonl in ``output_dir/stages/<stage>/``) and written a
 ``output_dir/<stage>/`` when complete (a later run reuses it):
 
 1. ``experts`` — K prompts (and the shared task head) on a copy of the task-fine-tuned teacher,
-   whose backbone stays frozen (``teacher_backbone: trainable`` unfreezes it). Every batch runs
-   all K experts as ONE batched forward (:class:`kdengine.experts.PromptExperts`). Each expert's
-   cross-entropy is weighted by :func:`uncertainty_weights` of the experts' certainty on the batch,
-   u_k = (1/B) Σ_i 1[expert k correct on i] · max_c p_k,i,c, treated as a constant
-   (``expert_weighting_loss: uncertainty``; ``none`` averages the K losses); certainties and
-   weights are logged as ``expert_certainty_<k>`` and ``expert_weight_<k>``. The reference code has
-   this branch but never runs it and would crash in it.
+   whose backbone stays frozen (``teacher_backbone: trainable`` unfreezes it). ``expert_routing``
+   picks the examples each expert trains on (:func:`expert_assignment`; ``learned``: top-1 of a
+   router trained with the experts, :func:`router_loss`, a module of the stage's checkpoints that
+   is not kept after it); the chosen experts run as ONE batched forward
+   (:class:`kdengine.experts.PromptExperts`, per-example expert ids). Each expert's
+   cross-entropy over its examples is weighted by :func:`uncertainty_weights` of the certainties of
+   the experts present in the batch, u_k = mean over k's examples i of 1[expert k correct on i] ·
+   max_c p_k,i,c, treated as a constant (``expert_weighting_loss: uncertainty``; ``none`` averages
+   the losses); certainties and weights are logged as ``expert_certainty_<k>`` and
+   ``expert_weight_<k>``. The reference code has this branch but never runs it and would crash in it.
 2. ``selector`` (``selector: learned``) — :class:`~kdengine.methods.selector.ExpertSelector`
    on the backbone's [CLS] state (or the paper's token embeddings), trained per example with
    cross-entropy against :func:`~kdengine.methods.selector.soft_targets` (softmax of −CE_k / τ),
@@ -41,6 +44,7 @@ from kdengine.methods.base import STUDENT, Method, Stage
 from kdengine.methods.baselines import KDLossOptions
 from kdengine.methods.selector import (
     ExpertSelector,
+    backbone_features,
     disagreement,
     expert_scores,
     selector_logits,
@@ -52,6 +56,9 @@ from kdengine.options import ConfigError, option
 
 EXPERTS = "experts"
 SELECTOR = "selector"
+ROUTER = "router"                          # the experts stage's router (expert_routing learned)
+EXPERT_ROUTINGS = ("all", "one_per_batch", "hash", "learned")
+HASH_MULTIPLIER = 2654435761               # Knuth's multiplicative hash, ⌊2^32 / golden ratio⌋
 BACKBONE_FILE = "backbone.safetensors"     # the experts stage's backbone when teacher_backbone is trainable
 
 
@@ -72,6 +79,13 @@ class PEEKDOptions(KDLossOptions):
     fusion_space: str = option("logit", "fuse experts as logits or as probabilities", ("logit", "prob"))
     selector: str = option("learned", "learned selector routing to the top experts, or none (all)", ("learned", "none"))
     teacher_top_k: int | None = option(None, "experts run per example (None = all)")
+    expert_routing: str = option("all", "examples each expert trains on: all; one_per_batch (each optimizer step "
+                                        "trains one expert, cycling, as the reference code runs); hash (a fixed "
+                                        "partition of the training examples by example id); learned (top-1 of a "
+                                        "router on the frozen backbone's [CLS], trained with the experts)",
+                                 EXPERT_ROUTINGS)
+    router_balance_weight: float = option(0.5, "expert_routing learned: weight of the load-balancing loss "
+                                               "K · Σ_k f_k · P_k (Switch Transformer)")
     expert_weighting_loss: str = option("uncertainty", "expert training loss weighting", ("uncertainty", "none"))
     uncertainty_temperature: float = option(0.2, "expert loss weights a = softmax(u / uncertainty_temperature) "
                                                   "over the batch certainties u in [0, 1]; 1.0 is the paper-faithful "
@@ -97,7 +111,7 @@ class PEEKDOptions(KDLossOptions):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("expert_num_train_epochs", "selector_num_train_epochs", "expert_sharpness",
-                     "selector_disagreement_weight"):
+                     "selector_disagreement_weight", "router_balance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("num_experts", "num_virtual_tokens", "selector_hidden_size"):
@@ -108,8 +122,47 @@ class PEEKDOptions(KDLossOptions):
 
 
 def uncertainty_weights(certainty: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Expert loss weights a = softmax_k(u_k / temperature) from certainties u [K] in [0, 1]."""
+    """Expert loss weights a = softmax_k(u_k / temperature) from certainties u [K] in [0, 1]
+    (−inf: an expert left out, weight 0)."""
     return (certainty / temperature).softmax(0)
+
+
+def expert_assignment(routing: str, num_experts: int, example_id: torch.Tensor, step: int) -> torch.Tensor:
+    """Each example's training expert under a fixed ``expert_routing``: [B] int64, example_id's device.
+
+    ``one_per_batch``: expert ``step`` mod K for the whole batch (``step``: the stage's optimizer
+    step, so micro-batches of one accumulated step share it, and a resumed run continues the cycle).
+    ``hash``: a fixed partition of the training examples, expert ⌊K · h / 2^32⌋ of
+    h = example_id · HASH_MULTIPLIER mod 2^32 (the hash's high bits: even for any K, whatever order the
+    examples come in). ``example_id`` [B] integer (the example's index in its split).
+    """
+    if routing == "one_per_batch":
+        return torch.full_like(example_id, step % num_experts, dtype=torch.long)
+    if routing == "hash":
+        return ((example_id.long() * HASH_MULTIPLIER) % 2 ** 32 * num_experts) >> 32
+    raise ValueError(f"expert_assignment: routing {routing!r} is not one of one_per_batch, hash")
+
+
+def router_loss(router_logits: torch.Tensor, assign: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                balance_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learned routing's loss: (total, load-balancing term), fp32 scalars; gradients reach
+    ``router_logits`` only.
+
+    CE of the routed expert's logits scaled by its gate probability p_e(x) (Switch Transformer's
+    gate · expert output; the logits are constants here, the expert trains on its raw logits) plus
+    ``balance_weight`` · K · Σ_k f_k · P_k, f_k the fraction of examples routed to k (a constant), P_k
+    the mean router probability of k (1 at an even split, up to K when one expert takes all).
+    ``router_logits`` [B, K]; ``assign`` [B] (their argmax); ``logits`` [B(, L), C] of each example's
+    expert; ``labels`` [B(, L)].
+    """
+    k = router_logits.shape[-1]
+    probs = router_logits.float().softmax(-1)
+    gate = probs.gather(1, assign.unsqueeze(1)).squeeze(1)                    # [B]
+    scaled = gate.view(-1, *[1] * (logits.dim() - 1)) * logits.detach().float()
+    ce = F.cross_entropy(scaled.reshape(-1, scaled.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    share = F.one_hot(assign, k).float().mean(0)
+    balance = k * (share * probs.mean(0)).sum()
+    return ce + balance_weight * balance, balance.detach()
 
 
 def _flatten_rows(logits: torch.Tensor, labels: torch.Tensor):
@@ -161,11 +214,15 @@ class PEEKD(Method):
                                     placement=opts.prompt_placement, init="vocab", backend=ctx.args.kernel_backend)
             if opts.teacher_backbone == "trainable":
                 backbone.requires_grad_(True)
+            modules = {EXPERTS: experts.to(ctx.device)}
+            if opts.expert_routing == "learned":
+                modules[ROUTER] = ExpertSelector(backbone.config.hidden_size, opts.num_experts,
+                                                 opts.selector_hidden_size).to(ctx.device)
             ctx.log(f"[pee_kd] experts: training {opts.num_experts} prompt experts "
                     f"({opts.num_virtual_tokens} virtual tokens, kind={opts.prompt_kind}, "
-                    f"placement={opts.prompt_placement}, loss weighting={opts.expert_weighting_loss})")
-            return Stage(EXPERTS, {EXPERTS: experts.to(ctx.device)}, opts.expert_learning_rate,
-                         opts.expert_num_train_epochs, evaluate=False)
+                    f"placement={opts.prompt_placement}, routing={opts.expert_routing}, "
+                    f"loss weighting={opts.expert_weighting_loss})")
+            return Stage(EXPERTS, modules, opts.expert_learning_rate, opts.expert_num_train_epochs, evaluate=False)
         if name == SELECTOR:
             features = (self.experts.model.get_input_embeddings().weight if opts.selector_features == "embeddings"
                         else self.experts.model.config.hidden_size)
@@ -179,11 +236,7 @@ class PEEKD(Method):
     def training_step(self, step, batch):
         name = step.stage.name
         if name == EXPERTS:
-            out = step.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             **_extra_inputs(batch))
-            loss, certainty, weights = self._expert_loss(out.logits, batch["labels"])
-            logs = {f"expert_weight_{k}": w for k, w in enumerate(weights.detach())}
-            return loss, {**logs, **{f"expert_certainty_{k}": u for k, u in enumerate(certainty)}}
+            return self._experts_step(step, batch)
         if name == SELECTOR:
             return self._selector_loss(step.model, batch)
         return super().training_step(step, batch)
@@ -223,20 +276,54 @@ class PEEKD(Method):
         if stage.name in (EXPERTS, SELECTOR):
             setattr(self, stage.name, stage.modules[stage.name].eval().requires_grad_(False))
 
-    def _expert_loss(self, logits: torch.Tensor, labels: torch.Tensor):
-        """Uncertainty-weighted sum of the K experts' cross-entropies; returns (loss, certainties u [K],
-        weights a [K])."""
-        k = logits.shape[0]
-        rows, flat = _flatten_rows(logits, labels)                        # [K, N, C], [N]
-        ce = torch.stack([F.cross_entropy(rows[i].float(), flat, ignore_index=IGNORE_INDEX) for i in range(k)])
-        with torch.no_grad():
-            valid = (flat != IGNORE_INDEX).float()
-            confidence, prediction = rows.float().softmax(-1).max(-1)     # [K, N]
-            certainty = ((prediction == flat).float() * confidence * valid).sum(-1) / valid.sum().clamp_min(1)
-        if self.options.expert_weighting_loss == "none":
-            weights = torch.full((k,), 1.0 / k, device=ce.device)
+    def _experts_step(self, step, batch: dict):
+        """One batch of the experts stage under ``expert_routing``."""
+        opts, labels = self.options, batch["labels"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **_extra_inputs(batch)}
+        assign, logs = None, {}
+        if opts.expert_routing == "learned":
+            scores = step.modules[ROUTER](backbone_features(step.stage.modules[EXPERTS].model, **inputs))
+            assign = scores.argmax(-1)
+        elif opts.expert_routing != "all":
+            assign = expert_assignment(opts.expert_routing, opts.num_experts, batch["example_id"], step.global_step)
+        logits = step.model(**inputs, experts=assign).logits          # [K, B(, L), C] or [B(, L), C]
+        loss, certainty, weights = self._expert_loss(logits, labels, assign)
+        if opts.expert_routing == "learned":
+            routing, balance = router_loss(scores, assign, logits, labels, opts.router_balance_weight)
+            loss = loss + routing
+            logs["router_balance"] = balance
+        if assign is not None:
+            share = F.one_hot(assign, opts.num_experts).float().mean(0)
+            logs.update({f"expert_share_{k}": f for k, f in enumerate(share)})
+        logs.update({f"expert_weight_{k}": w for k, w in enumerate(weights.detach())})
+        return loss, {**logs, **{f"expert_certainty_{k}": u for k, u in enumerate(certainty)}}
+
+    def _expert_loss(self, logits: torch.Tensor, labels: torch.Tensor, assign: torch.Tensor | None = None):
+        """Weighted sum of the experts' cross-entropies, each over the examples it ran on; returns
+        (loss, certainties u [K], weights a [K]).
+
+        ``logits`` [K, B(, L), C] when every expert ran on every example (``assign`` None), else
+        [B(, L), C] of each example's expert ``assign`` [B]. Only the experts with a labelled example
+        in the batch share the weights; the others get weight and certainty 0."""
+        k = self.options.num_experts if assign is not None else logits.shape[0]
+        rows, flat = _flatten_rows(logits, labels)                        # [K, N, C] or [N, C]; [N]
+        if assign is None:
+            parts = [(rows[i], flat) for i in range(k)]
         else:
-            weights = uncertainty_weights(certainty, self.options.uncertainty_temperature)
+            owner = assign if labels.dim() == 1 else assign.repeat_interleave(labels.shape[1])   # [N]
+            parts = [(rows[owner == i], flat[owner == i]) for i in range(k)]
+        zero = rows.new_zeros((), dtype=torch.float32)
+        present = [assign is None or bool((y != IGNORE_INDEX).any()) for _, y in parts]
+        ce = torch.stack([F.cross_entropy(x.float(), y, ignore_index=IGNORE_INDEX) if here else zero
+                          for (x, y), here in zip(parts, present)])
+        with torch.no_grad():
+            certainty = torch.stack([_certainty(x, y) if here else zero for (x, y), here in zip(parts, present)])
+        present = torch.tensor(present, device=ce.device)
+        if self.options.expert_weighting_loss == "none":
+            weights = present.float() / present.sum()
+        else:
+            weights = uncertainty_weights(certainty.masked_fill(~present, float("-inf")),
+                                          self.options.uncertainty_temperature)
         return (weights * ce).sum(), certainty, weights
 
     def _selector_loss(self, selector: ExpertSelector, batch: dict):
@@ -316,9 +403,17 @@ class PEEKD(Method):
         for key, chunks in preds.items():
             metrics = compute_metrics(ctx.task, torch.cat(chunks).numpy(), references, ctx.label_names)
             report[key] = {f"eval_{name}": value for name, value in metrics.items()}
+        metric = f"eval_{ctx.args.best_metric_name()}"
+        best = max(range(k), key=lambda i: report[f"expert_{i}"][metric])
+        oracle = report["oracle_routed"]
+        oracle["oracle_gap"] = oracle[metric] - report[f"expert_{best}"][metric]     # over the best single expert
+        oracle["pairwise_agreement"] = expert_agreement([torch.cat(preds[f"expert_{i}"]) for i in range(k)],
+                                                        torch.cat(refs))
+        oracle["mean_pairwise_agreement"] = sum(oracle["pairwise_agreement"].values()) / max(k * (k - 1) // 2, 1)
+        ctx.log(f"[pee_kd] experts: mean pairwise agreement {oracle['mean_pairwise_agreement']:.3f}; the oracle's "
+                f"{metric} {oracle[metric]:.4f} is {oracle['oracle_gap']:+.4f} over the best single expert "
+                f"(expert_{best})")
         if self.selector is not None:
-            metric = f"eval_{ctx.args.best_metric_name()}"
-            best = max(range(k), key=lambda i: report[f"expert_{i}"][metric])
             routed = report["selector_routed"]
             routed["eval_routing_accuracy"] = routing_hits / max(routing_total, 1)
             routed["disagreement_examples"] = split_total
@@ -372,6 +467,22 @@ class PEEKD(Method):
             ce = kd_loss(student, student, labels=labels, kd_weight=0.0, hard_weight=1.0, backend=backend)
         # batchmean over valid rows: loss = kd part + hard_weight · mean CE (no row weights here).
         return loss, {"kd_loss": loss.detach() - args.hard_weight * ce, "ce_loss": ce}
+
+
+def expert_agreement(predictions: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    """{"i-j": fraction of labelled positions where experts i and j predict the same class} for i < j;
+    ``predictions`` K tensors shaped like ``labels`` [N] or [N, L] (IGNORE_INDEX positions skipped)."""
+    valid = labels != IGNORE_INDEX
+    flat = [p[valid] for p in predictions]
+    return {f"{i}-{j}": (flat[i] == flat[j]).float().mean().item()
+            for i in range(len(flat)) for j in range(i + 1, len(flat))}
+
+
+def _certainty(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over labelled rows of 1[correct] · max-probability: rows [N, C], labels [N] -> fp32 scalar."""
+    valid = (labels != IGNORE_INDEX).float()
+    confidence, prediction = rows.float().softmax(-1).max(-1)
+    return ((prediction == labels).float() * confidence * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _extra_inputs(batch: dict) -> dict:
