@@ -224,7 +224,23 @@ def test_the_embedded_run_trains_a_teacher_an_sft_student_and_the_prompt_kd_stud
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "teacher_loss" in line]
     assert rows and all({"prompt_kl", "base_kl", "base_weight", "response_tokens"} <= set(r) for r in rows)
     printed = capsys.readouterr().out
-    assert generation.rouge_available() or "ROUGE-L skipped: the rouge-score package is not installed" in printed
+    if generation.rouge_available():
+        assert 0.0 <= read_json(out / "eval_results.json")["eval_rougeL"] <= 100.0
+        assert (out / "predictions" / "seed10.jsonl").is_file()
+    else:
+        assert "ROUGE-L skipped: the rouge-score package is not installed" in printed
+
+
+def test_rouge_l_without_rouge_score_is_skipped_with_one_note(monkeypatch):
+    """Without the package (an install with --no-deps, as on the GPU image) the evaluation samples
+    nothing, returns {} and says so once per process."""
+    monkeypatch.setitem(sys.modules, "rouge_score", None)          # find_spec -> None: not installed
+    monkeypatch.setattr(generation, "_NOTED", set())
+    notes = []
+    for _ in range(2):
+        assert generation.rouge_l(None, [], tokenizer=None, collate_fn=None, batch_size=1, max_seq_length=8,
+                                  seeds=[10], device=torch.device("cpu"), output_dir=None, log=notes.append) == {}
+    assert notes == ["[evaluate] ROUGE-L skipped: the rouge-score package is not installed (pip install rouge-score)"]
 
 
 def test_sft_is_no_kd_under_its_name(tmp_path):
