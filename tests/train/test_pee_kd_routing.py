@@ -3,6 +3,7 @@ the learned router's load-balancing term, the loss over the experts present in a
 agreement / oracle-gap report."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +26,7 @@ from kdengine.methods.selector import ExpertSelector
 from kdengine.models import AUTO_CLASSES
 from kdengine.options import ConfigError
 from kdengine.tiny_models import build_tiny_models
+from kdengine.train import checkpoint
 from kdengine.train.__main__ import main
 from tests.train import metrics_rows, small_args
 
@@ -157,3 +159,31 @@ def test_a_learned_routing_run_logs_its_shares_and_reports_agreement(tmp_path):
     assert set(oracle["pairwise_agreement"]) == {"0-1", "0-2", "1-2"}
     assert oracle["mean_pairwise_agreement"] == pytest.approx(sum(oracle["pairwise_agreement"].values()) / 3)
     assert oracle["oracle_gap"] >= 0.0
+
+
+def test_a_learned_routing_experts_stage_resumes_exactly(tmp_path, monkeypatch):
+    """Stopped mid-stage (after the checkpoint of step 4 of 12), the experts stage resumes with its
+    router and ends with exactly the metrics of an uninterrupted run."""
+    run = dict(method="pee_kd", num_experts=3, num_virtual_tokens=2, expert_num_train_epochs=1, selector="none",
+               expert_routing="learned", per_device_train_batch_size=8, save_strategy="steps", save_steps=2,
+               save_total_limit="None")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert main(small_args(full, **run)) == 0
+    step_once = PEEKD._experts_step
+
+    def stop_at_step_5(self, step, batch):
+        if step.global_step == 5:
+            raise KeyboardInterrupt
+        return step_once(self, step, batch)
+
+    monkeypatch.setattr(PEEKD, "_experts_step", stop_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        main(small_args(stopped, **run))
+    saved = checkpoint.list_checkpoints(str(stopped / "stages" / "experts"))
+    assert saved[-1][0] == 4 and (Path(saved[-1][1]) / "router.safetensors").is_file()     # resumed, not restarted
+    monkeypatch.setattr(PEEKD, "_experts_step", step_once)
+    assert main(small_args(stopped, **run, resume_from_checkpoint="last")) == 0
+    for name in ("stages/experts/metrics.jsonl", "metrics.jsonl"):
+        assert metrics_rows(stopped / name) == metrics_rows(full / name), name
+    assert (json.loads((stopped / "eval_results.json").read_text())
+            == json.loads((full / "eval_results.json").read_text()))
