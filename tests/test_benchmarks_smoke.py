@@ -1,5 +1,5 @@
-"""The benchmark harness, the kd_loss / linear_kd_loss / runtime benchmarks in --quick CPU mode, and the GPU
-session script in --dry-run mode.
+"""The benchmark harness, the kd_loss / linear_kd_loss / runtime / PromptKD-step benchmarks in --quick CPU
+mode, and the GPU session script in --dry-run mode.
 
 The benchmarks run in this process (``main(argv)``) at tiny sizes with results written to a
 temporary folder; the assertions check that the result files exist and hold measured rows, the
@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import _harness, bench_kd_loss, bench_linear_kd_loss, bench_runtime
+from benchmarks import _harness, bench_kd_loss, bench_linear_kd_loss, bench_prompt_kd_step, bench_runtime
 
 
 def test_time_ms_quantiles_are_ordered():
@@ -116,6 +116,25 @@ def test_bench_runtime_quick(tmp_path):
     assert rows["selector_top2"]["experts_per_input"] == 2 and rows["oracle_top1"]["experts_per_input"] == 1
     assert rows["oracle_top1"]["accuracy"] >= max(rows[f"expert_{i}"]["accuracy"] for i in range(4))
     assert rows["target"]["speedup_target"] == pytest.approx(3.6)
+
+
+def test_bench_prompt_kd_step_quick(tmp_path):
+    """Every variant in its own process at a tiny size: the three phases, the peak and the first-step
+    losses (unfused = fused: the same step), TRL measured or skipped with its reason, the target row."""
+    assert bench_prompt_kd_step.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "prompt_kd_step_quick-cpu.csv").exists()
+    rows = {r["variant"]: r for r in _load(tmp_path / "prompt_kd_step_quick-cpu.json")["rows"]}
+    assert set(rows) == {"fused", "unfused", "fused_no_prompt", "trl_gkd", "target"}
+    for name in ("fused", "unfused"):
+        row = rows[name]
+        assert row["sampling_ms"] > 0 and row["prompt_update_ms"] > 0 and row["student_update_ms"] > 0
+        assert row["step_ms"] > 0 and row["peak_MB"] > 0 and row["response_tokens"] > 0
+    assert rows["fused_no_prompt"]["prompt_update_ms"] is None
+    assert rows["unfused"]["loss_rel_err"] < 1e-4
+    assert rows["unfused"]["first_teacher_loss"] == pytest.approx(rows["fused"]["first_teacher_loss"], rel=1e-4)
+    trl = rows["trl_gkd"]
+    assert "step_ms" in trl or trl["status"].startswith("skipped: trl is not importable")
+    assert rows["target"]["peak_ratio_fused_vs_unfused"] > 0
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
