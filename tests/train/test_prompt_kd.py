@@ -4,13 +4,16 @@ it leaves frozen, sampling and masking, the embedded run, resume, ROUGE-L and ba
 import copy
 import re
 import importlib.machinery
+import importlib.util
 import json
 import math
+import os
 import sys
 import types
 
 import pytest
 import torch
+import yaml
 
 from kdengine import generation, models
 from kdengine.constants import IGNORE_INDEX
@@ -23,6 +26,7 @@ from kdengine.tiny_models import build_tiny_models
 from kdengine.train.__main__ import TaskInputs, main
 from kdengine.train.teacher import context
 from kdengine.train.trainer import Trainer, make_accelerator
+from tests.shared_data import SHARED_DATA
 from tests.train import read_json, small_args
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -279,6 +283,39 @@ def test_rouge_l_with_rouge_score(tmp_path, monkeypatch):
         rows = [json.loads(line) for line in open(out / "predictions" / f"seed{seed}.jsonl")]
         assert len(rows) == 16 and {"prompt", "reference", "generated"} == set(rows[0])
         assert rows[0]["reference"].split()[1] in ("positive", "negative")
+
+
+GSM8K = os.path.join(SHARED_DATA, "gsm8k")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not os.path.isdir(GSM8K), reason="needs ../shared/data/gsm8k")
+def test_the_gsm8k_pipeline_at_a_tiny_size(tmp_path):
+    """scripts/gsm8k_models.py (a BPE tokenizer trained on the data, GPT-2s from scratch, the teacher
+    trained on the answers) then configs/prompt_kd_gsm8k.yaml, both with tiny sizes and data."""
+    with open(os.path.join(REPO, "configs", "prompt_kd_gsm8k.yaml")) as fh:
+        config = yaml.safe_load(fh)
+    models_dir, run = tmp_path / "models", tmp_path / "run"
+    config.update(train_file=f"{GSM8K}/train.jsonl", validation_file=f"{GSM8K}/test.jsonl", max_train_samples=16,
+                  max_eval_samples=4, max_seq_length=256, eval_generation_seeds="10", num_train_epochs=1,
+                  sft_num_train_epochs=1, max_new_tokens=4, per_device_train_batch_size=8, compare_baselines=False,
+                  teacher_model_name_or_path=str(models_dir / "teacher"),
+                  model_name_or_path=str(models_dir / "student_init"), output_dir=str(run))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    spec = importlib.util.spec_from_file_location("gsm8k_models", os.path.join(REPO, "scripts", "gsm8k_models.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--config", str(path), "--vocab", "1000", "--teacher", "1x64", "--student", "1x64",
+                        "--teacher-epochs", "1"]) == 0
+    tokenizer = models.load_tokenizer(str(models_dir / "teacher"), "teacher")
+    assert len(tokenizer) == 1000 and tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
+    assert main(["--config", str(path)]) == 0
+    assert (run / "modules" / f"{TEACHER_PROMPT}.safetensors").is_file()
+    assert read_json(run / "teacher_results.json")["teacher"]["eval_samples"] == 4
+    if generation.rouge_available():
+        assert 0.0 <= read_json(run / "eval_results.json")["eval_rougeL"] <= 100.0
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
