@@ -32,7 +32,8 @@ untimed step; ``step_ms`` the median whole step (:func:`benchmarks._harness.time
 ``perf_counter`` loop on either device: ``generate`` synchronises with the host every token, and
 each phase boundary synchronises CUDA). The untimed first step starts every variant from the same
 state and RNG, so its losses are compared: ``loss_rel_err`` against ``fused`` (``unfused``) and
-``fused_no_prompt`` (``trl_gkd``; same samples only where TRL's ``generate`` draws the same).
+``fused_no_prompt`` (``trl_gkd``: the same samples, but TRL scores them left-padded without
+position ids, which shifts GPT-2's positions in rows with shorter prompts).
 
 Peak memory (``peak_MB``): every variant runs in its own fresh subprocess (the parent builds the
 models once), so no variant inherits another's heap. After the timed steps, one more step is
