@@ -99,13 +99,16 @@ def load_tokenizer(name_or_path: str, what: str):
         raise ValueError(f"{what} {name_or_path!r} has no usable tokenizer ({exc}); save one with the model") from None
 
 
-def _layer_list(model: torch.nn.Module, num_layers: int) -> tuple[str, torch.nn.ModuleList]:
-    """The ModuleList holding the transformer layers (e.g. ``bert.encoder.layer``)."""
+def layer_list(model: torch.nn.Module, num_layers: int,
+               option: str = "student_num_layers") -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList holding the transformer layers (e.g. ``bert.encoder.layer``) and its name;
+    ValueError naming ``option`` (the option that needs it) when there is none."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name:
             return name, module
-    raise ValueError(f"student_num_layers: cannot find the list of {num_layers} transformer layers in "
-                     f"{type(model).__name__}; pass --model_name_or_path instead")
+    hint = "; pass --model_name_or_path instead" if option == "student_num_layers" else ""
+    raise ValueError(f"{option}: cannot find the list of {num_layers} transformer layers in "
+                     f"{type(model).__name__}{hint}")
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:
@@ -125,7 +128,7 @@ def student_from_teacher(teacher: torch.nn.Module, num_layers: int) -> torch.nn.
         raise ValueError(f"student_num_layers needs a config with num_hidden_layers; "
                          f"{type(teacher.config).__name__} has none")
     keep = evenly_spaced(total, num_layers)
-    prefix, _ = _layer_list(teacher, total)
+    prefix, _ = layer_list(teacher, total)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = num_layers
     student = type(teacher)(config)

@@ -97,6 +97,9 @@ class PEEKDOptions(KDLossOptions):
     selector_hidden_size: int = option(512, "selector MLP width (the paper's 512)")
     selector_features: str = option("backbone", "selector input: the frozen backbone's [CLS] state or the paper's "
                                                 "context-free token embeddings (max-pooled)", ("backbone", "embeddings"))
+    selector_layers: int | None = option(None, "selector_features backbone: read the [CLS] state after the "
+                                               "backbone's first selector_layers layers, running only those "
+                                               "(None: all; fewer route cheaper)")
     selector_target_temperature: float = option(0.1, "selector targets softmax(-CE_k / selector_target_temperature) "
                                                      "over the experts' per-example losses")
     selector_disagreement_weight: float = option(4.0, "selector loss weight 1 + this · (fraction of positions where "
@@ -117,6 +120,9 @@ class PEEKDOptions(KDLossOptions):
         for name in ("num_experts", "num_virtual_tokens", "selector_hidden_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.selector_layers is not None and (self.selector_layers < 1 or self.selector_features != "backbone"):
+            raise ValueError(f"selector_layers={self.selector_layers} needs selector_features backbone and a value "
+                             f">= 1 (got selector_features {self.selector_features})")
         if self.teacher_top_k is not None and not 1 <= self.teacher_top_k <= self.num_experts:
             raise ValueError(f"teacher_top_k={self.teacher_top_k} must be in [1, num_experts={self.num_experts}]")
 
@@ -184,8 +190,13 @@ class PEEKD(Method):
 
     @classmethod
     def check_run(cls, run) -> None:
-        """Before any work: input prompts (prompt_kind prompt) must fit the teacher's positions."""
+        """Before any work: selector_layers within the teacher's depth, and input prompts (prompt_kind
+        prompt) within its positions."""
         opts = run.options
+        depth = getattr(run.teacher_configs[0], "num_hidden_layers", None)
+        if opts.selector_layers is not None and depth is not None and opts.selector_layers > depth:
+            raise ConfigError(f"selector_layers={opts.selector_layers}: the teacher {run.teacher_sources[0]!r} has "
+                              f"{depth} layers")
         if opts.prompt_kind != "prompt":
             return                    # a deep prefix adds keys/values, not positions
         positions = models.text_positions(run.teacher_configs[0])
@@ -226,7 +237,7 @@ class PEEKD(Method):
         if name == SELECTOR:
             features = (self.experts.model.get_input_embeddings().weight if opts.selector_features == "embeddings"
                         else self.experts.model.config.hidden_size)
-            selector = ExpertSelector(features, opts.num_experts, opts.selector_hidden_size)
+            selector = ExpertSelector(features, opts.num_experts, opts.selector_hidden_size, opts.selector_layers)
             ctx.log(f"[pee_kd] selector: training on {opts.selector_features} features against softmax(-CE / "
                     f"{opts.selector_target_temperature}) of {opts.num_experts} experts")
             return Stage(SELECTOR, {SELECTOR: selector.to(ctx.device)}, opts.selector_learning_rate,

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from kdengine import models
 from kdengine.atomic import read_json
 from kdengine.constants import IGNORE_INDEX
 from kdengine.models import read_safetensors
@@ -41,11 +43,15 @@ class ExpertSelector(nn.Module):
             ``forward(input_ids [B, L], attention_mask [B, L]) -> [B, K]``).
         num_experts: K.
         hidden_size: width of the MLP (512 in the PEE-KD code).
+        layers: ``backbone`` mode: the backbone layers whose [CLS] state it reads (None: all;
+            :func:`selector_logits` runs only those).
     Logits are fp32.
     """
 
-    def __init__(self, features: int | torch.Tensor, num_experts: int, hidden_size: int = 512):
+    def __init__(self, features: int | torch.Tensor, num_experts: int, hidden_size: int = 512,
+                 layers: int | None = None):
         super().__init__()
+        self.layers = layers
         if isinstance(features, torch.Tensor):
             vocab, dim = features.shape
             self.embed = nn.Embedding(vocab, dim)
@@ -72,7 +78,7 @@ class ExpertSelector(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                   os.path.join(directory, SELECTOR_WEIGHTS))
         config = {"features": self.features, "num_experts": self.num_experts, "hidden_size": self.hidden_size,
-                  "embedding_dim": self.feature_size}
+                  "embedding_dim": self.feature_size, "backbone_layers": self.layers}
         if self.embed is not None:
             config["vocab_size"] = self.embed.weight.shape[0]
         with open(os.path.join(directory, SELECTOR_CONFIG), "w") as f:
@@ -91,7 +97,10 @@ class ExpertSelector(nn.Module):
                              f"got {cfg!r:.120}")
         features = (torch.zeros(cfg["vocab_size"], cfg["embedding_dim"]) if mode == "embeddings"
                     else cfg["embedding_dim"])
-        selector = cls(features, cfg["num_experts"], cfg["hidden_size"])
+        layers = cfg.get("backbone_layers")
+        if layers is not None and not (isinstance(layers, int) and layers >= 1):
+            raise ValueError(f"{path}: backbone_layers must be a positive integer or null, got {layers!r}")
+        selector = cls(features, cfg["num_experts"], cfg["hidden_size"], layers)
         weights = os.path.join(directory, SELECTOR_WEIGHTS)
         try:
             selector.load_state_dict(read_safetensors(weights))
@@ -101,18 +110,41 @@ class ExpertSelector(nn.Module):
 
 
 @torch.no_grad()
-def backbone_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-    """The frozen backbone's final-layer [CLS] (first-position) state, without prompts: [B, H] fp32, a
-    constant (no gradient reaches the backbone)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+def backbone_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int | None = None,
+                      **extra) -> torch.Tensor:
+    """The frozen backbone's [CLS] (first-position) state after its last layer, or after its first
+    ``layers`` layers (only those run), without prompts: [B, H] fp32, a constant (no gradient reaches
+    the backbone)."""
+    with first_layers(model, layers):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
     return out.hidden_states[-1][:, 0].float()
+
+
+@contextmanager
+def first_layers(model, layers: int | None):
+    """Within the block ``model`` runs only its first ``layers`` transformer layers (None: all); the
+    layer list is restored on exit. ValueError when ``layers`` exceeds the model's."""
+    total = model.config.num_hidden_layers
+    if layers is None or layers == total:
+        yield
+        return
+    if not 1 <= layers <= total:
+        raise ValueError(f"selector_layers={layers} must be in [1, {total}] (the backbone's layers)")
+    name, stack = models.layer_list(model, total, "selector_layers")
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    setattr(owner, attr, nn.ModuleList(list(stack)[:layers]))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, stack)
 
 
 def selector_logits(selector: ExpertSelector, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     **extra) -> torch.Tensor:
     """The selector's [B, K] logits; ``model`` (the experts' backbone) runs once in ``backbone`` mode."""
     if selector.features == "backbone":
-        return selector(backbone_features(model, input_ids, attention_mask, **extra))
+        return selector(backbone_features(model, input_ids, attention_mask, selector.layers, **extra))
     return selector(input_ids, attention_mask)
 
 

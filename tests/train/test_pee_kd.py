@@ -114,14 +114,41 @@ def test_selector_token_scores_average_over_labelled_tokens():
     torch.testing.assert_close(full, cut)
 
 
-def test_backbone_selector_save_load_roundtrip(tmp_path):
+@pytest.mark.parametrize("layers", [None, 2])
+def test_backbone_selector_save_load_roundtrip(tmp_path, layers):
     torch.manual_seed(0)
-    selector = ExpertSelector(8, num_experts=3, hidden_size=16)
+    selector = ExpertSelector(8, num_experts=3, hidden_size=16, layers=layers)
     features = torch.randn(4, 8)
     selector.save_pretrained(tmp_path)
     loaded = ExpertSelector.from_pretrained(tmp_path)
-    assert loaded.features == "backbone" and loaded.embed is None
+    assert loaded.features == "backbone" and loaded.embed is None and loaded.layers == layers
     torch.testing.assert_close(loaded(features), selector(features))
+
+
+def test_selector_layers_run_only_the_first_layers_of_the_backbone(tmp_path):
+    """backbone_features(layers=n) is the full forward's n-th hidden [CLS] state, computed without the
+    later layers (a later layer that would fail is never reached), and the layer list is restored."""
+    from kdengine.methods.selector import backbone_features
+    from kdengine.models import AUTO_CLASSES
+    from kdengine.tiny_models import build_tiny_models
+
+    teacher, _ = build_tiny_models(str(tmp_path), task="sequence_classification", label_names=["a", "b"],
+                                   vocab="good bad movie the".split())
+    model = AUTO_CLASSES["sequence_classification"].from_pretrained(teacher).eval()
+    total = model.config.num_hidden_layers
+    ids, mask = torch.randint(5, 9, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    every = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(backbone_features(model, ids, mask), every[-1][:, 0])
+    stack = model.base_model.encoder.layer
+    last = stack[-1].forward
+    stack[-1].forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the last layer ran"))
+    torch.testing.assert_close(backbone_features(model, ids, mask, layers=1), every[1][:, 0])
+    assert model.base_model.encoder.layer is stack and len(stack) == total
+    stack[-1].forward = last
+    with pytest.raises(ValueError, match=rf"selector_layers={total + 1} must be in \[1, {total}\]"):
+        backbone_features(model, ids, mask, layers=total + 1)
+    with pytest.raises(ValueError, match="selector_layers=1 needs selector_features backbone"):
+        PEEKDOptions(selector_layers=1, selector_features="embeddings").validate()
 
 
 def test_selector_save_load_roundtrip(tmp_path):
@@ -141,9 +168,9 @@ def test_selector_save_load_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("flags", [
     dict(teacher_top_k=1, fusion_space="prob", expert_weighting="confidence", selector_features="embeddings"),
-    dict(teacher_top_k=2),
+    dict(teacher_top_k=2, selector_layers=1),
     dict(prompt_kind="prompt", selector="none", expert_weighting_loss="none", expert_weighting="uniform"),
-], ids=["routed-top1-prob-embeddings", "routed-top2-selector-weights", "input-prompts-no-selector"])
+], ids=["routed-top1-prob-embeddings", "routed-top2-selector-weights-1-layer", "input-prompts-no-selector"])
 def test_pee_kd_variants_run_and_report(tmp_path, flags):
     out = tmp_path / "run"
     assert main(small_args(out, method="pee_kd", num_experts=3, num_virtual_tokens=2,
@@ -169,6 +196,13 @@ def test_pee_kd_variants_run_and_report(tmp_path, flags):
         assert sum(hits) / len(hits) == pytest.approx(routed["eval_accuracy"])
     assert (out / "experts" / "stage_complete.json").is_file()
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] >= 0.0
+
+
+def test_selector_layers_beyond_the_teacher_are_refused_before_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(small_args(out, method="pee_kd", selector_layers=99)) == 2
+    assert "selector_layers=99: the teacher" in capsys.readouterr().err
+    assert not (out / "teacher").exists() and not (out / "stages").exists()
 
 
 def test_student_step_reads_logits_in_their_dtype(monkeypatch):
