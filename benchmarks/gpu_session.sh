@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H200 (15 minutes of device time per session; at most 10 per command),
 # run from the repository root on the device machine:
-#   bash benchmarks/gpu_session.sh            # the real session, ~9.5 minutes at most
+#   bash benchmarks/gpu_session.sh            # the real session: the steps' limits add up to 11 minutes;
+#                                               # the last two (PEE-KD runtime, PromptKD step) run last so a
+#                                               # 10-minute call cut short loses only their rows
 #   bash benchmarks/gpu_session.sh --dry-run  # every step on CPU at tiny sizes (CI: it cannot rot)
 # Steps (each bounded by `timeout`, logged to $OUT/logs/<step>.log; a failed step is reported and
 # the next one still runs):
 #   env, build (kdengine._C for sm_90), info, tests (pytest tests/ops, every backend),
 #   traffic (benchmarks/traffic.py on CPU, in the background while the GPU steps run),
 #   bench_kd_loss, bench_linear_kd_loss (Liger fused-linear JSD and TRL's chunked loss as peers),
-#   bench_fuse_experts, bench_expert_forward, bench_train_step.
+#   bench_fuse_experts, bench_expert_forward, bench_train_step, bench_runtime (PEE-KD routings on the
+#   embedded default it trains first), bench_prompt_kd_step (PromptKD step, fused vs unfused vs TRL).
 # Inputs are generated on the device. Every result row is appended to $OUT/rows.jsonl the moment it
 # is measured (KDENGINE_BENCH_ROWS, benchmarks/_harness.py), so a step cut by its timeout still
 # leaves its numbers; each benchmark also writes <name>-<device>.{csv,json} (with env_info: device,
@@ -92,6 +95,10 @@ if [ "$DRY_RUN" -eq 1 ]; then
 else
   step bench_train_step 40 "$PY" -m benchmarks.bench_train_step --device cuda --out-dir "$RESULTS"
 fi
+
+step bench_runtime 40 "$PY" -m benchmarks.bench_runtime "${DEVICE[@]}" "${QUICK[@]}" --out-dir "$RESULTS"
+# --quick on a shared 2-core CPU samples slower than the H200 runs the full size
+step bench_prompt_kd_step "$([ "$DRY_RUN" -eq 1 ] && echo 150 || echo 50)" "$PY" -m benchmarks.bench_prompt_kd_step "${DEVICE[@]}" "${QUICK[@]}" --out-dir "$RESULTS"
 
 wait "$traffic_pid"
 traffic_rc="$(cat "$OUT/logs/traffic.rc" 2>/dev/null || echo 1)"

@@ -152,12 +152,13 @@ def test_gpu_session_dry_run(tmp_path):
     assert "all steps passed" in (out / "summary.txt").read_text()
     with open(out / "rows.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    assert {"kd_loss", "linear_kd_loss", "fuse_experts", "expert_forward", "train_step"} <= {r["bench"] for r in rows}
+    assert {"kd_loss", "linear_kd_loss", "fuse_experts", "expert_forward", "train_step", "runtime",
+            "prompt_kd_step"} <= {r["bench"] for r in rows}
     full = [r for r in rows if r["bench"] == "kd_loss" and r.get("mode") == "full"]
     assert full and {"ms", "GB/s", "pct_floor", "peak_MB", "grad_err"} <= set(full[0])
     assert all(r["grad_err"] < 1e-4 for r in full)
     for name in ("kd_loss_quick", "linear_kd_loss_quick", "fuse_experts_quick", "expert_forward_quick",
-                 "train_step-tiny"):
+                 "train_step-tiny", "runtime_quick", "prompt_kd_step_quick"):
         assert (out / "results" / f"{name}-cpu.json").exists(), name
     assert "| kd_loss | forward_kl | bfloat16 |" in (out / "logs" / "traffic.log").read_text()
     assert sorted(os.listdir(_harness.REPO_ROOT + "/benchmarks/results")) == before
