@@ -18,6 +18,7 @@ continues the stage a killed run was in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -179,9 +180,17 @@ def load_inputs(cfg: TrainConfig, log, scratch: str) -> tuple[TaskInputs, list[s
         tiny_dir = os.path.join(cfg.output_dir, TINY_MODELS)
         teacher_srcs, student_src = [os.path.join(tiny_dir, "teacher")], os.path.join(tiny_dir, "student")
         if not os.path.isfile(os.path.join(student_src, "config.json")):
+            from accelerate.state import PartialState  # noqa: PLC0415
+
             tiny_build = os.path.join(scratch, TINY_MODELS)
             vocab = instruction_vocab() if cfg.task == "causal_lm" else synthetic_vocab()
-            build_tiny_models(tiny_build, task=cfg.task, label_names=data.label_names, vocab=vocab, seed=cfg.seed)
+            # The main process builds them (under torch.distributed transformers' save_pretrained writes
+            # on rank 0 only) into the scratch directory every process shares.
+            state = PartialState()
+            if state.is_main_process:
+                build_tiny_models(tiny_build, task=cfg.task, label_names=data.label_names, vocab=vocab,
+                                  seed=cfg.seed)
+            state.wait_for_everyone()
             read = {teacher_srcs[0]: os.path.join(tiny_build, "teacher"), student_src: os.path.join(tiny_build, "student")}
         tiny = True
         if cfg.student_num_layers is not None:
@@ -269,6 +278,25 @@ def run_spec(cfg: TrainConfig, plan: RunPlan):
                    student_source=plan.student_src, read_config=read_config)
 
 
+@contextlib.contextmanager
+def shared_scratch(state):
+    """A temporary directory that every process of the run sees: the main process makes it, broadcasts
+    its path, and removes it at the end."""
+    import tempfile  # noqa: PLC0415
+
+    from accelerate.utils import broadcast_object_list  # noqa: PLC0415
+
+    path = [tempfile.mkdtemp(prefix="kdengine-") if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(path)
+    try:
+        yield path[0]
+        state.wait_for_everyone()
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(path[0], ignore_errors=True)
+
+
 def validate_run(cfg: TrainConfig, log, scratch: str) -> RunPlan:
     """Every check that can run before any work (options, output_dir, resume checkpoints, method,
     backends, precision, data, labels, models' limits, stage inputs); writes nothing but tiny models
@@ -309,8 +337,6 @@ def run(cfg: TrainConfig, after_method_stages=None) -> dict:
     output_dir as it found it. Only then is output_dir created (or replaced, with
     overwrite_output_dir) and config.yaml written. ``after_method_stages(method)``, when given, replaces
     each student's stages once its method stages are done (kdengine.cache_teacher)."""
-    import tempfile  # noqa: PLC0415
-
     from accelerate.state import PartialState  # noqa: PLC0415
 
     from kdengine.config import options_for  # noqa: PLC0415
@@ -327,7 +353,7 @@ def run(cfg: TrainConfig, after_method_stages=None) -> dict:
     log = _log(state.is_main_process)
     log(f"[config] method={cfg.method} task={cfg.task} output_dir={cfg.output_dir} stages={cfg.stage_list()} "
         f"processes={state.num_processes} device={state.device}")
-    with tempfile.TemporaryDirectory(prefix="kdengine-") as scratch:
+    with shared_scratch(state) as scratch:
         plan = validate_run(cfg, log, scratch)
         state.wait_for_everyone()
         fresh_output_dir = plan.replace_output_dir or not os.path.isdir(cfg.output_dir) \

@@ -62,3 +62,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert steps_one["train_samples"] == steps_two["train_samples"] == 256
     teacher_one, teacher_two = read("one", "teacher/eval_results.json"), read("two", "teacher/eval_results.json")
     assert teacher_two["eval_loss"] == pytest.approx(teacher_one["eval_loss"], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_embedded_tiny_models_once(tmp_path):
+    """No model flags under torchrun: the main process builds the tiny models in a scratch directory
+    both processes read (transformers saves on rank 0 only under torch.distributed), then moves them
+    into output_dir/tiny_models."""
+    done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                           "-m", "kdengine.train", *small_args(tmp_path / "run", method="vanilla_kd")],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes=2" in done.stdout
+    for role in ("teacher", "student"):
+        assert os.path.isfile(tmp_path / "run" / "tiny_models" / role / "config.json")
+    assert os.path.isfile(tmp_path / "run" / "eval_results.json")
