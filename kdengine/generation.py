@@ -22,16 +22,9 @@ import os
 import torch
 
 from kdengine.constants import IGNORE_INDEX
+from kdengine.data.tokenize import eos_token_id
 
 _NOTED = set()
-
-
-def eos_token_id(tokenizer) -> int:
-    """The id that ends a response: the tokenizer's eos, else its sep (as ``kdengine.data.tokenize``)."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if eos is None:
-        raise ValueError(f"{type(tokenizer).__name__} has neither an eos nor a sep token to end the responses")
-    return eos
 
 
 def prompt_batch(input_ids: torch.Tensor, labels: torch.Tensor, pad_token_id: int):

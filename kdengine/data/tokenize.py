@@ -121,13 +121,19 @@ def _tokenize_token_classification(examples, tokenizer, max_seq_length, label_al
     return items
 
 
+def eos_token_id(tokenizer) -> int:
+    """The id that ends a causal_lm response: the tokenizer's eos, else its sep."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither an eos nor a sep token to end the responses")
+    return eos
+
+
 def _tokenize_causal_lm(examples, tokenizer, max_seq_length) -> list[dict]:
     """prompt + response + eos, truncated to ``max_seq_length``; ``labels[t]`` is the token position
     t predicts (``input_ids[t + 1]``) on response positions and IGNORE_INDEX elsewhere, so the
     logits [B, L, V] and labels [B, L] line up without a shift."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if eos is None:
-        raise ValueError(f"{type(tokenizer).__name__} has neither an eos nor a sep token to end the responses")
+    eos = eos_token_id(tokenizer)
     prompts = tokenizer([ex["prompt"] for ex in examples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([ex["response"] for ex in examples], add_special_tokens=False)["input_ids"]
     items = []
